@@ -1,0 +1,190 @@
+"""The ``mlserve`` command line (Typer)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mlserve.errors import MLServeError
+
+app = typer.Typer(
+    help="mlserve: train, store and serve text classifiers with BentoML.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+# The demo models: tag -> (data set, runner family picked from the candidates)
+DEMO = {
+    "sentiment:v1": ("drugscom", "classical"),
+    "sentiment:v2": ("drugscom", "transformer"),
+    "topic:v1": ("bbc_news", None),
+}
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def _next_version(name: str) -> str:
+    from mlserve.store import list_models
+
+    numbers = [
+        int(m.group(1))
+        for model in list_models(name)
+        if (m := re.fullmatch(r"v(\d+)", model.version))
+    ]
+    return f"v{max(numbers, default=0) + 1}"
+
+
+def _train_demo(seed: int, reports_dir: Path, overwrite: bool) -> None:
+    from training.candidates import CLASSICAL, TRANSFORMER
+    from training.data import load_named
+    from training.pipeline import TrainConfig, save_result, train, verify_reload
+    from mlserve.store import model_exists
+
+    todo = {tag: spec for tag, spec in DEMO.items() if overwrite or not model_exists(tag)}
+    for tag in DEMO.keys() - todo.keys():
+        console.print(f"[green]✓[/] {tag} already in the store, skipped")
+    by_data: dict[str, list[str]] = {}
+    for tag, (data, _) in todo.items():
+        by_data.setdefault(data, []).append(tag)
+    for data, tags in by_data.items():
+        families = {DEMO[t][1] for t in tags}
+        candidates: tuple[str, ...] = ()
+        if None in families or "classical" in families:
+            candidates += CLASSICAL
+        if None in families or "transformer" in families:
+            candidates += TRANSFORMER
+        dataset = load_named(data)
+        run = train(dataset, TrainConfig(candidates=candidates, seed=seed), console=err)
+        for tag in tags:
+            family = DEMO[tag][1]
+            best = run.best(family)
+            what = f"best {family} candidate" if family else "best candidate"
+            reason = (
+                f"{best.fitted.name} is the {what} by validation {run.metric} "
+                f"({best.validation[run.metric]:.3f})"
+            )
+            stored = save_result(run, best, tag, reason, reports_dir, overwrite=overwrite)
+            verify_reload(stored, run, best)
+            _print_saved(stored.tag, stored.metadata)
+
+
+def _print_saved(tag: str, meta: dict) -> None:
+    test = meta["metrics"]["test"]
+    console.print(
+        f"[green]✓[/] saved [bold]{tag}[/] ({meta['estimator']['name']}): "
+        f"test accuracy {test['accuracy']:.3f}, macro-F1 {test['f1_macro']:.3f}, "
+        f"PR-AUC {test['pr_auc']:.3f}, ECE {test['ece']:.3f}"
+    )
+    console.print(f"    {meta['selection']['reason']}")
+
+
+@app.command("train")
+def train_cmd(
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Create sentiment:v1, sentiment:v2 and topic:v1.")
+    ] = False,
+    data: Annotated[
+        str, typer.Option(help="drugscom, bbc_news, or a path to a .csv/.jsonl file.")
+    ] = "drugscom",
+    text_col: Annotated[str, typer.Option(help="Text column of a user file.")] = "text",
+    label_col: Annotated[str, typer.Option(help="Label column of a user file.")] = "label",
+    name: Annotated[str | None, typer.Option(help="Model name (default: from the data).")] = None,
+    version: Annotated[
+        str | None, typer.Option(help="Version, e.g. v3 (default: the next free vN).")
+    ] = None,
+    family: Annotated[
+        str, typer.Option(help="Pick the winner among: any, classical, transformer.")
+    ] = "any",
+    candidates: Annotated[
+        str,
+        typer.Option(help="Comma-separated: logreg,random_forest,xgboost,lightgbm,minilm."),
+    ] = "logreg,random_forest,xgboost,lightgbm,minilm",
+    seed: Annotated[int, typer.Option(help="Seed for the splits and the models.")] = 42,
+    reports_dir: Annotated[
+        Path, typer.Option(help="Where plots and model cards are copied.")
+    ] = Path("reports"),
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing tag (never silently).")
+    ] = False,
+) -> None:
+    """Train calibrated candidates on real data, pick the best and save it to the store."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        if demo:
+            _train_demo(seed, reports_dir, overwrite)
+            return
+        from mlserve.settings import NAME_RE
+        from mlserve.store import model_exists
+        from training.data import load_file, load_named
+        from training.pipeline import TrainConfig, save_result, train, verify_reload
+
+        if data in ("drugscom", "bbc_news"):
+            dataset = load_named(data)
+        else:
+            dataset = load_file(Path(data), text_col=text_col, label_col=label_col)
+        model_name = name or {"drugscom": "sentiment", "bbc_news": "topic"}.get(
+            data, re.sub(r"[^a-z0-9_.-]", "-", dataset.name.lower()).strip("-._") or "model"
+        )
+        if not NAME_RE.match(model_name):
+            raise _fail(f"invalid model name {model_name!r}: use lowercase letters, digits, _.-")
+        tag = f"{model_name}:{version or _next_version(model_name)}"
+        if model_exists(tag) and not overwrite:
+            raise _fail(f"{tag} already exists; choose another --version or pass --overwrite")
+        if family not in ("any", "classical", "transformer"):
+            raise _fail("--family must be any, classical or transformer")
+        chosen = tuple(c.strip() for c in candidates.split(",") if c.strip())
+        run = train(dataset, TrainConfig(candidates=chosen, seed=seed), console=err)
+        best = run.best(None if family == "any" else family)
+        reason = (
+            f"{best.fitted.name} has the best validation {run.metric} "
+            f"({best.validation[run.metric]:.3f}) among {len(run.results)} candidates"
+            + ("" if family == "any" else f" of the {family} family")
+        )
+        stored = save_result(run, best, tag, reason, reports_dir, overwrite=overwrite)
+        verify_reload(stored, run, best)
+        _print_saved(stored.tag, stored.metadata)
+    except MLServeError as exc:
+        raise _fail(exc.message) from None
+
+
+@app.command("list")
+def list_cmd(
+    name: Annotated[str | None, typer.Argument(help="Only this model name.")] = None,
+) -> None:
+    """Show the models in the BentoML store."""
+    from mlserve.store import bentoml_home, list_models
+
+    table = Table(title=f"mlserve models in {bentoml_home()}")
+    for col in ("name", "version", "family", "labels", "test macro-F1", "test accuracy", "created"):
+        table.add_column(col)
+    for model in list_models(name):
+        test = model.metadata.get("metrics", {}).get("test", {})
+        table.add_row(
+            model.name,
+            model.version,
+            model.family,
+            ", ".join(model.labels),
+            f"{test.get('f1_macro', float('nan')):.3f}",
+            f"{test.get('accuracy', float('nan')):.3f}",
+            model.creation_time[:19].replace("T", " "),
+        )
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

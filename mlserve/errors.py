@@ -1,0 +1,71 @@
+"""Typed errors, each with the HTTP status it maps to. The service turns them into JSON bodies."""
+
+from __future__ import annotations
+
+
+class MLServeError(Exception):
+    """Base class: ``status`` is the HTTP code, ``code`` a stable machine-readable name."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, **details: object):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, object]:
+        body: dict[str, object] = {"error": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+class BadRequestError(MLServeError):
+    status, code = 400, "bad_request"
+
+
+class DataError(BadRequestError):
+    """A training or upload file that cannot be used (missing columns, empty, one class, ...)."""
+
+    code = "bad_data"
+
+
+class ModelNotFoundError(MLServeError):
+    status, code = 404, "model_not_found"
+
+
+class PayloadTooLargeError(MLServeError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaTypeError(MLServeError):
+    status, code = 415, "unsupported_media_type"
+
+
+class ValidationError(MLServeError):
+    status, code = 422, "validation_error"
+
+
+class RateLimitedError(MLServeError):
+    status, code = 429, "rate_limited"
+
+
+class ServiceUnavailableError(MLServeError):
+    status, code = 503, "unavailable"
+
+
+class InferenceTimeoutError(MLServeError):
+    status, code = 504, "inference_timeout"
+
+
+class ModelStoreError(MLServeError):
+    """The store refused an operation (for example, a tag that already exists)."""
+
+    status, code = 409, "model_store_conflict"
+
+
+class ModelIntegrityError(MLServeError):
+    """A stored model's files do not match their recorded sha256, or use an unsafe format."""
+
+    status, code = 422, "model_integrity"

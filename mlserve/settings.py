@@ -1,0 +1,155 @@
+"""Runtime settings: one pydantic-settings class, read from ``MLSERVE_*`` variables and ``.env``.
+
+Every field is documented here and in ``.env.example``. Validators refuse unsafe combinations
+(for example, admin routes on a public address with no token).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_PART = r"[a-z0-9](?:[a-z0-9_.-]{0,61}[a-z0-9])?"
+NAME_RE = re.compile(rf"^{_PART}$")
+"""A model name, as BentoML allows: lowercase letters, digits, ``_.-``, at most 63 characters."""
+TAG_RE = re.compile(rf"^{_PART}:{_PART}$")
+"""A ``name:version`` store tag of safe characters (no paths, URLs or escapes can match)."""
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """All of mlserve's configuration. Environment variables use the ``MLSERVE_`` prefix."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MLSERVE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- models -------------------------------------------------------------------------------
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["sentiment:v1", "sentiment:v2", "topic:v1"],
+        description="Store tags loaded at startup (comma-separated). The first tag of each name "
+        "is that name's default version.",
+    )
+    default_model: str = Field(
+        "sentiment",
+        description="Model used when a request names none: a name (its default version) or a tag.",
+    )
+    max_loaded_models: int = Field(8, ge=1, le=64, description="Most model versions kept loaded.")
+
+    # --- batching and limits ------------------------------------------------------------------
+    max_batch_size: int = Field(64, ge=1, le=1024, description="Largest adaptive batch.")
+    max_latency_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="How long the batcher may hold an idle model waiting for a fuller batch.",
+    )
+    max_text_chars: int = Field(10_000, ge=1, description="Longest accepted text, in characters.")
+    max_batch_texts: int = Field(100, ge=1, le=10_000, description="Most texts in one batch call.")
+    max_upload_mb: float = Field(5.0, gt=0, description="Largest accepted upload, in MiB.")
+    infer_timeout_seconds: float = Field(
+        10.0, gt=0, description="A request waiting longer than this for inference gets 504."
+    )
+    max_tokens: int = Field(
+        128, ge=8, le=512, description="Transformer inputs are truncated to this many tokens."
+    )
+
+    # --- compute ------------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="Torch device: auto picks cuda, then mps, then cpu."
+    )
+    torch_threads: int = Field(0, ge=0, description="Torch intra-op threads per worker; 0 = cores.")
+    blas_threads: int = Field(1, ge=1, description="BLAS/OpenMP threads per worker process.")
+    workers: int = Field(1, ge=1, le=64, description="Server worker processes.")
+
+    # --- HTTP ---------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address `mlserve serve` binds.")
+    port: int = Field(3000, ge=1, le=65535, description="Port `mlserve serve` binds.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS (comma-separated); empty = off."
+    )
+    log_io: bool = Field(
+        False, description="Log request texts and predictions. Off by default: texts may be private."
+    )
+    admin_token: str | None = Field(
+        None, description="Bearer token for /admin routes. Unset = admin routes are off (403)."
+    )
+    admin_enabled: bool = Field(True, description="Serve the /admin routes at all.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Optional API keys for predict routes (comma-separated). Empty = open.",
+    )
+
+    # --- cache --------------------------------------------------------------------------------
+    redis_url: str | None = Field(None, description="Redis URL for the prediction cache.")
+    cache_enabled: bool = Field(True, description="Cache predictions at all.")
+    cache_max_size: int = Field(10_000, ge=1, description="In-memory cache entries.")
+    cache_ttl_seconds: int = Field(3600, ge=1, description="Cache entry time to live.")
+
+    # --- training -----------------------------------------------------------------------------
+    seed: int = Field(42, description="Seed for splits and models.")
+    reports_dir: str = Field("reports", description="Where training writes plots and model cards.")
+
+    @field_validator("models", "cors_origins", "api_keys", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("models")
+    @classmethod
+    def _valid_tags(cls, value: list[str]) -> list[str]:
+        for tag in value:
+            if not TAG_RE.match(tag):
+                raise ValueError(f"not a name:version store tag: {tag!r}")
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_token(cls, value: str | None) -> str | None:
+        if value is not None and value != "" and len(value) < 16:
+            raise ValueError("MLSERVE_ADMIN_TOKEN must be at least 16 characters")
+        return value or None
+
+    @model_validator(mode="after")
+    def _no_public_admin_without_token(self) -> Settings:
+        if self.admin_enabled and self.admin_token is None and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to bind {self.host} with admin routes on and no MLSERVE_ADMIN_TOKEN; "
+                "set a token or MLSERVE_ADMIN_ENABLED=false"
+            )
+        return self
+
+    @property
+    def default_versions(self) -> dict[str, str]:
+        """The first configured version of each model name is its default."""
+        out: dict[str, str] = {}
+        for tag in self.models:
+            name, version = tag.split(":", 1)
+            out.setdefault(name, version)
+        return out
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests call ``get_settings.cache_clear()``)."""
+    return Settings()

@@ -1,0 +1,96 @@
+"""The runner interface shared by every model family."""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mlserve.errors import ModelIntegrityError
+from mlserve.store import StoredModel, open_model
+
+# family name (as recorded in a model's metadata) -> "module:Class"
+FAMILIES = {
+    "classical": "runners.classical:ClassicalRunner",
+    "transformer": "runners.transformer:TransformerRunner",
+}
+WARMUP_TEXTS = ["warm up", "a slightly longer sentence to warm the model up with padding"]
+
+
+@dataclass
+class BatchResult:
+    """Predictions for a batch: row ``i`` of ``probabilities`` belongs to input ``i``."""
+
+    labels: list[str]
+    probabilities: np.ndarray  # (n, k) calibrated, rows sum to 1
+    predicted_index: np.ndarray  # (n,) the model's decision (see Calibrator.decide)
+    timing_ms: dict[str, float] = field(default_factory=dict)  # preprocess / model / postprocess
+
+    @property
+    def predicted(self) -> list[str]:
+        return [self.labels[i] for i in self.predicted_index]
+
+
+class Runner(abc.ABC):
+    """Wraps one stored model version. Batch-native: one text is a batch of one."""
+
+    family: str = ""
+
+    def __init__(self, model: StoredModel):
+        self.model = model
+        self.tag = model.tag
+        self.labels = model.labels
+        self.loaded = False
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Read the verified files into memory (and onto the device)."""
+
+    @abc.abstractmethod
+    def predict(self, texts: list[str]) -> BatchResult:
+        """Calibrated class probabilities for ``texts``, in input order."""
+
+    def warmup(self) -> None:
+        """Run a couple of batches so the first real request pays no start-up cost."""
+        for n in (1, len(WARMUP_TEXTS)):
+            self.predict(WARMUP_TEXTS[:n])
+
+    def close(self) -> None:
+        """Release memory (and GPU memory). The runner cannot predict afterwards."""
+        self.loaded = False
+
+
+def runner_class(family: str) -> type[Runner]:
+    """The runner class that serves ``family``."""
+    try:
+        module_name, cls_name = FAMILIES[family].split(":")
+    except KeyError as exc:
+        raise ModelIntegrityError(f"unknown runner family {family!r}") from exc
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def load_runner(tag: str, *, warmup: bool = True) -> Runner:
+    """Open ``tag`` (checksums verified), load it with its family's runner, and warm it up."""
+    model = open_model(tag, verify=True)
+    runner = runner_class(model.family)(model)
+    runner.load()
+    runner.loaded = True
+    if warmup:
+        runner.warmup()
+    return runner
+
+
+class Stopwatch:
+    """Collects named stage durations in milliseconds."""
+
+    def __init__(self) -> None:
+        self.timing: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timing[stage] = (now - self._t) * 1000.0
+        self._t = now

@@ -1,0 +1,150 @@
+"""Candidate models. Each fits on the training split and returns raw (uncalibrated) probabilities.
+
+Classical candidates share one TF-IDF vectorizer; the transformer candidate trains a linear head
+on frozen MiniLM embeddings. Each knows how to write its files in its runner family's format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.utils.class_weight import compute_sample_weight
+
+CLASSICAL = ("logreg", "random_forest", "xgboost", "lightgbm")
+TRANSFORMER = ("minilm",)
+ALL_CANDIDATES = CLASSICAL + TRANSFORMER
+
+
+@dataclass
+class Fitted:
+    """A fitted candidate: raw-probability function over *cleaned* texts, and how to save it."""
+
+    name: str
+    family: str
+    kind: str
+    params: dict[str, Any]
+    raw_proba: Callable[[list[str]], np.ndarray]
+    write: Callable[[Path], None]
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _sklearn_grid_lr(
+    x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, seed: int, grid: tuple
+) -> tuple[Any, float]:
+    """Logistic regression with class-balanced weights; C chosen on validation log-loss."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    best, best_loss, best_c = None, np.inf, grid[0]
+    labels = list(range(int(max(y_train.max(), y_val.max())) + 1))
+    for c in grid:
+        lr = LogisticRegression(C=c, max_iter=3000, class_weight="balanced", random_state=seed)
+        lr.fit(x_train, y_train)
+        loss = log_loss(y_val, lr.predict_proba(x_val), labels=labels)
+        if loss < best_loss:
+            best, best_loss, best_c = lr, loss, c
+    return best, best_c
+
+
+def fit_classical(
+    kind: str,
+    vectorizer: Any,
+    x_train: Any,
+    y_train: np.ndarray,
+    x_val: Any,
+    y_val: np.ndarray,
+    seed: int,
+    n_jobs: int,
+) -> Fitted:
+    """Fit one TF-IDF candidate."""
+    from runners.classical import save_estimator
+
+    weights = compute_sample_weight("balanced", y_train)
+    if kind == "logreg":
+        est, c = _sklearn_grid_lr(x_train, y_train, x_val, y_val, seed, (1.0, 4.0, 16.0))
+        params = {"C": c, "class_weight": "balanced", "max_iter": 3000}
+    elif kind == "random_forest":
+        from sklearn.ensemble import RandomForestClassifier
+
+        params = {"n_estimators": 300, "class_weight": "balanced_subsample", "min_samples_leaf": 1}
+        est = RandomForestClassifier(**params, n_jobs=n_jobs, random_state=seed)
+        est.fit(x_train, y_train)
+    elif kind == "xgboost":
+        import xgboost as xgb
+
+        params = {
+            "n_estimators": 300,
+            "max_depth": 6,
+            "learning_rate": 0.1,
+            "subsample": 0.9,
+            "colsample_bytree": 0.5,
+            "tree_method": "hist",
+        }
+        est = xgb.XGBClassifier(**params, n_jobs=n_jobs, random_state=seed)
+        est.fit(x_train, y_train, sample_weight=weights)
+    elif kind == "lightgbm":
+        import lightgbm as lgb
+
+        params = {
+            "n_estimators": 300,
+            "learning_rate": 0.05,
+            "num_leaves": 31,
+            "min_child_samples": 5,
+            "colsample_bytree": 0.5,
+            "class_weight": "balanced",
+        }
+        est = lgb.LGBMClassifier(**params, n_jobs=n_jobs, random_state=seed, verbose=-1)
+        est.fit(x_train, y_train)
+    else:
+        raise ValueError(f"unknown classical candidate {kind!r}")
+
+    def write(directory: Path) -> None:
+        vectorizer.save(directory / "tfidf.json")
+        save_estimator(est, kind, directory)
+
+    return Fitted(
+        name=f"tfidf+{kind}",
+        family="classical",
+        kind=kind,
+        params=params,
+        raw_proba=lambda texts: est.predict_proba(vectorizer.transform(texts)),
+        write=write,
+    )
+
+
+def fit_minilm(
+    encoder: Any,
+    emb_train: np.ndarray,
+    y_train: np.ndarray,
+    emb_val: np.ndarray,
+    y_val: np.ndarray,
+    seed: int,
+    max_tokens: int,
+) -> Fitted:
+    """A linear head on frozen, normalised MiniLM embeddings."""
+    from runners.transformer import copy_encoder, head_proba, save_head
+
+    lr, c = _sklearn_grid_lr(emb_train, y_train, emb_val, y_val, seed, (1.0, 4.0, 16.0, 64.0))
+    weight, bias = lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64)
+
+    def raw_proba(texts: list[str]) -> np.ndarray:
+        emb = encoder.embed(texts).cpu().numpy().astype(np.float64)
+        return head_proba(emb @ weight.T + bias)
+
+    def write(directory: Path) -> None:
+        copy_encoder(directory / "encoder")
+        save_head(weight, bias, directory / "head.safetensors")
+
+    return Fitted(
+        name="minilm+linear_head",
+        family="transformer",
+        kind="minilm_linear_head",
+        params={"C": c, "class_weight": "balanced", "encoder": "all-MiniLM-L6-v2 (frozen)"},
+        raw_proba=raw_proba,
+        write=write,
+        extra_meta={"max_tokens": max_tokens},
+    )

@@ -1,0 +1,136 @@
+"""Plots (class distribution, confusion matrix, reliability diagram) and the model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def class_distribution_png(splits: dict[str, dict[str, int]], labels: list[str], path: Path) -> None:
+    """Grouped bars: examples per class in each split, to show the imbalance."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(splits))
+    x = np.arange(len(labels))
+    for i, (split, counts) in enumerate(splits.items()):
+        values = [counts.get(label, 0) for label in labels]
+        bars = ax.bar(x + i * width, values, width, label=split)
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(x + width * (len(splits) - 1) / 2, labels, rotation=20)
+    ax.set_ylabel("examples")
+    ax.set_title("Class distribution per split")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def confusion_matrix_png(y: np.ndarray, pred: np.ndarray, labels: list[str], path: Path) -> None:
+    from sklearn.metrics import confusion_matrix
+
+    plt = _plt()
+    cm = confusion_matrix(y, pred, labels=list(range(len(labels))))
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            color = "white" if cm[i, j] > cm.max() / 2 else "black"
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", color=color)
+    ax.set_xticks(range(len(labels)), labels, rotation=30)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def reliability_png(
+    y: np.ndarray, curves: dict[str, np.ndarray], path: Path, bins: int = 10
+) -> None:
+    """Top-label accuracy against confidence, one line per probability source."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    edges = np.linspace(0, 1, bins + 1)
+    for name, probs in curves.items():
+        conf, correct = probs.max(axis=1), (probs.argmax(axis=1) == y)
+        xs, ys = [], []
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            mask = (conf > lo) & (conf <= hi)
+            if mask.sum() >= 3:
+                xs.append(conf[mask].mean())
+                ys.append(correct[mask].mean())
+        ax.plot(xs, ys, "o-", label=name)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability diagram (test split)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value != value else f"{value:.3f}"  # NaN check
+
+
+def model_card(meta: dict) -> str:
+    """A short markdown model card from the model's metadata."""
+    test = meta["metrics"]["test"]
+    rows = "\n".join(
+        f"| {c['name']} | {c['calibration']} | {_fmt(c['validation'][meta['selection']['metric']])}"
+        f" | {_fmt(c['test']['accuracy'])} | {_fmt(c['test']['f1_macro'])}"
+        f" | {_fmt(c['test']['pr_auc'])} | {_fmt(c['test']['ece'])}"
+        f" | {c['speed']['ms_per_text_batch1']} | {c['speed']['ms_per_text_batch32']} |"
+        for c in meta["candidates"]
+    )
+    per_class = "\n".join(
+        f"| {label} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | {m['support']} |"
+        for label, m in test["per_class"].items()
+    )
+    ds = meta["dataset"]
+    return f"""# Model card: {meta["tag"]}
+
+- **Task:** text classification into {", ".join(meta["labels"])}
+- **Runner family:** {meta["runner_family"]} (`{meta["estimator"]["name"]}`)
+- **Trained:** {meta["training_date"]}
+- **Data:** {ds["name"]} from `{ds["source"]}` ({ds["n_rows"]} rows, sha256 `{ds["sha256"][:16]}…`),
+  stratified split {ds["split_sizes"]} with seed {ds["seed"]}
+- **Selection:** {meta["selection"]["reason"]}
+- **Calibration:** {meta["calibration"]["method"]} (cross-validated log-loss on validation:
+  {meta["calibration"]["cv_log_loss"]})
+
+## Test metrics (held-out)
+
+| accuracy | macro-F1 | macro precision | macro recall | ROC-AUC | PR-AUC | Brier | ECE |
+|---|---|---|---|---|---|---|---|
+| {_fmt(test["accuracy"])} | {_fmt(test["f1_macro"])} | {_fmt(test["precision_macro"])} | {_fmt(test["recall_macro"])} | {_fmt(test["roc_auc"])} | {_fmt(test["pr_auc"])} | {_fmt(test["brier"])} | {_fmt(test["ece"])} |
+
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{per_class}
+
+## Candidates
+
+| candidate | calibration | validation {meta["selection"]["metric"]} | test accuracy | test macro-F1 | test PR-AUC | test ECE | ms/text @1 | ms/text @32 |
+|---|---|---|---|---|---|---|---|---|
+{rows}
+
+## Intended use and limits
+
+Served by mlserve. Inputs are cleaned with the stored configuration
+({meta["preprocessing"]["cleaning"]}); texts longer than the feature extractor's limit are
+truncated. The data sets are small public corpora: expect lower accuracy on other domains.
+"""
