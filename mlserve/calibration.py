@@ -59,9 +59,7 @@ class Calibrator:
             else:
                 iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0)
                 iso.fit(proba[:, k], target)
-                params.append(
-                    {"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
-                )
+                params.append({"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()})
         return cls(method, params)
 
     def transform(self, proba: np.ndarray) -> np.ndarray:

@@ -46,10 +46,10 @@ def _next_version(name: str) -> str:
 
 
 def _train_demo(seed: int, reports_dir: Path, overwrite: bool) -> None:
+    from mlserve.store import model_exists
     from training.candidates import CLASSICAL, TRANSFORMER
     from training.data import load_named
     from training.pipeline import TrainConfig, save_result, train, verify_reload
-    from mlserve.store import model_exists
 
     todo = {tag: spec for tag, spec in DEMO.items() if overwrite or not model_exists(tag)}
     for tag in DEMO.keys() - todo.keys():
@@ -180,6 +180,51 @@ def list_cmd(
             model.creation_time[:19].replace("T", " "),
         )
     console.print(table)
+
+
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[str | None, typer.Option(help="Address (default MLSERVE_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default MLSERVE_PORT).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
+    models: Annotated[
+        str | None, typer.Option(help="Comma-separated tags to load (default MLSERVE_MODELS).")
+    ] = None,
+) -> None:
+    """Serve the API with `bentoml serve service:MLServe` from the project folder."""
+    import subprocess
+    import sys
+
+    from mlserve.settings import Settings
+
+    env = dict(os.environ)
+    for key, value in (("HOST", host), ("PORT", port), ("WORKERS", workers), ("MODELS", models)):
+        if value is not None:
+            env[f"MLSERVE_{key}"] = str(value)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        settings = Settings(
+            **{k.lower(): v for k, v in (("HOST", host), ("PORT", port)) if v is not None}
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "service.py").is_file():
+        raise _fail(f"service.py not found beside the mlserve package ({root})")
+    cmd = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "service:MLServe",
+        "--working-dir",
+        str(root),
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+    ]
+    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -15,9 +15,9 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _PART = r"[a-z0-9](?:[a-z0-9_.-]{0,61}[a-z0-9])?"
-NAME_RE = re.compile(rf"^{_PART}$")
+NAME_RE = re.compile(rf"^{_PART}\Z")
 """A model name, as BentoML allows: lowercase letters, digits, ``_.-``, at most 63 characters."""
-TAG_RE = re.compile(rf"^{_PART}:{_PART}$")
+TAG_RE = re.compile(rf"^{_PART}:{_PART}\Z")
 """A ``name:version`` store tag of safe characters (no paths, URLs or escapes can match)."""
 
 
@@ -56,7 +56,10 @@ class Settings(BaseSettings):
     )
     max_text_chars: int = Field(10_000, ge=1, description="Longest accepted text, in characters.")
     max_batch_texts: int = Field(100, ge=1, le=10_000, description="Most texts in one batch call.")
-    max_upload_mb: float = Field(5.0, gt=0, description="Largest accepted upload, in MiB.")
+    max_upload_mb: float = Field(5.0, gt=0, description="Largest accepted file upload, in MiB.")
+    max_request_kb: int = Field(
+        2048, ge=1, description="Largest accepted JSON request body, in KiB."
+    )
     infer_timeout_seconds: float = Field(
         10.0, gt=0, description="A request waiting longer than this for inference gets 504."
     )
@@ -79,7 +82,8 @@ class Settings(BaseSettings):
         default_factory=list, description="Origins allowed by CORS (comma-separated); empty = off."
     )
     log_io: bool = Field(
-        False, description="Log request texts and predictions. Off by default: texts may be private."
+        False,
+        description="Log request texts and predictions. Off by default: texts may be private.",
     )
     admin_token: str | None = Field(
         None, description="Bearer token for /admin routes. Unset = admin routes are off (403)."
@@ -128,6 +132,14 @@ class Settings(BaseSettings):
                 "set a token or MLSERVE_ADMIN_ENABLED=false"
             )
         return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.max_request_kb * 1024
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
 
     @property
     def default_versions(self) -> dict[str, str]:

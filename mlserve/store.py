@@ -95,7 +95,7 @@ def save_model(
     """
     import bentoml
 
-    name, version = parse_tag(tag)
+    parse_tag(tag)
     if model_exists(tag):
         if not overwrite:
             raise ModelStoreError(f"{tag} already exists in the store; pass --overwrite to replace")

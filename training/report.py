@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,9 @@ def _plt():
     return plt
 
 
-def class_distribution_png(splits: dict[str, dict[str, int]], labels: list[str], path: Path) -> None:
+def class_distribution_png(
+    splits: dict[str, dict[str, int]], labels: list[str], path: Path
+) -> None:
     """Grouped bars: examples per class in each split, to show the imbalance."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -67,7 +70,7 @@ def reliability_png(
     for name, probs in curves.items():
         conf, correct = probs.max(axis=1), (probs.argmax(axis=1) == y)
         xs, ys = [], []
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        for lo, hi in itertools.pairwise(edges):
             mask = (conf > lo) & (conf <= hi)
             if mask.sum() >= 3:
                 xs.append(conf[mask].mean())

@@ -199,12 +199,6 @@ def test_jsonl_missing_column_named_in_error(tmp_path: Path, rows: list, missing
     assert info.value.details["missing"] == [missing]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG training/data.py load_file: a CSV row with more fields than the header adds a "
-    "None key (csv restkey) to `columns`; sorted(columns) in the missing-column message then "
-    "raises TypeError instead of DataError",
-)
 def test_csv_missing_column_with_overlong_first_row_is_data_error(tmp_path: Path) -> None:
     # An unquoted comma in the first row gives it three fields under a two-column header.
     path = write(tmp_path / "ragged.csv", "review,label\ngood movie, really,pos\nbad,neg\n")

@@ -51,12 +51,6 @@ def test_parse_tag_refuses(tag: object) -> None:
         parse_tag(tag)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG mlserve/settings.py TAG_RE/NAME_RE end with '$', which also matches before a "
-    "trailing newline, so parse_tag('sentiment:v1\\n') returns ('sentiment', 'v1\\n') instead of "
-    "raising ValueError (use \\Z or re.fullmatch)",
-)
 def test_parse_tag_refuses_trailing_newline() -> None:
     with pytest.raises(ValueError):
         parse_tag("sentiment:v1\n")

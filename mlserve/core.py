@@ -1,0 +1,141 @@
+"""The serving core, independent of the HTTP layer: models, batching, validation, timing."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlserve
+from mlserve import observability as obs
+from mlserve.batching import AdaptiveBatcher, BatchSlice
+from mlserve.errors import ValidationError
+from mlserve.registry import LoadedModel, ModelLoader, ModelRegistry
+from mlserve.settings import Settings
+from runners import load_runner
+
+
+@dataclass
+class Outcome:
+    """Predictions for one request, with the model that made them."""
+
+    model: LoadedModel
+    rows: BatchSlice
+    total_ms: float
+
+    def predictions(self) -> list[dict]:
+        labels = self.rows.labels
+        out = []
+        for probs, idx in zip(self.rows.probabilities, self.rows.predicted_index, strict=True):
+            out.append(
+                {
+                    "label": labels[int(idx)],
+                    "confidence": round(float(probs[int(idx)]), 6),
+                    "probabilities": {
+                        lab: round(float(p), 6) for lab, p in zip(labels, probs, strict=True)
+                    },
+                }
+            )
+        return out
+
+    def timing(self) -> dict[str, float]:
+        t = self.rows.timing_ms
+        stages = ("queue_ms", "preprocess_ms", "model_ms", "postprocess_ms")
+        return {**{k: round(t.get(k, 0.0), 3) for k in stages}, "total_ms": round(self.total_ms, 3)}
+
+
+class ClassificationService:
+    """Loads the configured models and answers prediction requests through their batchers."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.registry = ModelRegistry(settings.default_model)
+        self.loader = ModelLoader(settings.models, self.build, self.registry)
+        self.git_revision = _git_revision()
+
+    def start(self) -> None:
+        """Begin loading models in the background."""
+        obs.configure_threads(self.settings)
+        self.loader.start()
+
+    def build(self, tag: str) -> LoadedModel:
+        """Load, verify and warm up ``tag``, with a batcher of its own."""
+        runner = load_runner(tag, warmup=True)
+        batcher = AdaptiveBatcher(
+            runner.predict,
+            self.settings.max_batch_size,
+            self.settings.max_latency_ms,
+            on_batch=lambda n, queue_ms, timing: obs.observe_batch(tag, n, queue_ms, timing),
+        )
+        obs.MODEL_LOADED.labels(model_version=tag).set(1)
+        return LoadedModel(runner.model.name, runner.model.version, runner, batcher)
+
+    def validate_texts(self, texts: list[str]) -> None:
+        limit = self.settings.max_batch_texts
+        if not texts:
+            raise ValidationError("texts must contain at least one text")
+        if len(texts) > limit:
+            raise ValidationError(f"at most {limit} texts per batch, got {len(texts)}")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise ValidationError("text must not be empty or whitespace", index=i)
+            if len(text) > self.settings.max_text_chars:
+                raise ValidationError(
+                    f"text is longer than {self.settings.max_text_chars} characters",
+                    index=i,
+                    length=len(text),
+                )
+
+    async def classify(self, texts: list[str], model_version: str | None) -> Outcome:
+        """Validate, resolve the model, and run ``texts`` as one request through its batcher."""
+        start = time.perf_counter()
+        self.validate_texts(texts)
+        self.loader.require_ready()
+        model = self.registry.resolve(model_version)
+        rows = await model.batcher.submit(texts, self.settings.infer_timeout_seconds)
+        return Outcome(model, rows, (time.perf_counter() - start) * 1000.0)
+
+    def version_info(self) -> dict:
+        import bentoml
+
+        return {
+            "service": "mlserve",
+            "version": mlserve.__version__,
+            "git_revision": self.git_revision,
+            "bentoml_version": bentoml.__version__,
+            "default_model": self.settings.default_model,
+            "default_versions": self.registry.defaults() or self.settings.default_versions,
+        }
+
+    def readiness(self) -> dict:
+        return {
+            "ready": self.loader.ready,
+            "models": dict(self.loader.status),
+            "errors": dict(self.loader.errors),
+        }
+
+    async def aclose(self) -> None:
+        for model in self.registry.list():
+            await model.batcher.aclose()
+            model.runner.close()
+
+
+def _git_revision() -> str:
+    """The checkout's commit, or MLSERVE_GIT_REVISION baked in at build time, or 'unknown'."""
+    import os
+
+    if rev := os.environ.get("MLSERVE_GIT_REVISION"):
+        return rev
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=2,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"

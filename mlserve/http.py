@@ -1,0 +1,295 @@
+"""The HTTP API (a Starlette app that ``service.py`` mounts into the BentoML service).
+
+Every error is turned into a JSON body here, in one place: typed :mod:`mlserve.errors` map to
+their status codes, schema errors to 422, anything unexpected to a bare 500. No stack trace,
+path or input text ever reaches a response or the request log.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import pydantic
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mlserve import observability as obs
+from mlserve.core import ClassificationService, Outcome
+from mlserve.errors import (
+    BadRequestError,
+    MLServeError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+    ValidationError,
+)
+from mlserve.schemas import BatchPredictRequest, PredictRequest
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+Handler = Callable[[Request, ClassificationService, str], Awaitable[Response]]
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _require_type(request: Request, expected: str) -> None:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != expected:
+        raise UnsupportedMediaTypeError(
+            f"Content-Type must be {expected}, got {media or 'none'}", expected=expected
+        )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body is over the {limit} byte limit", limit=limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body is over the {limit} byte limit", limit=limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # lets request.form() parse what we already read
+    return body
+
+
+async def _json_body(request: Request, limit: int) -> object:
+    _require_type(request, "application/json")
+    body = await _read_body(request, limit)
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequestError("request body is not valid JSON") from exc
+
+
+def _schema_error(exc: pydantic.ValidationError) -> ValidationError:
+    problems = [
+        {"field": ".".join(str(p) for p in e["loc"]) or "body", "problem": e["msg"]}
+        for e in exc.errors(include_input=False, include_url=False)
+    ]
+    return ValidationError("the request body does not match the schema", problems=problems)
+
+
+def _parse(model: type[pydantic.BaseModel], data: object) -> pydantic.BaseModel:
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise _schema_error(exc) from None
+
+
+def _log_io(core: ClassificationService, rid: str, texts: list[str], outcome: Outcome) -> None:
+    if core.settings.log_io:
+        obs.json_logger("mlserve.io").info(
+            "io",
+            extra={
+                "fields": {
+                    "request_id": rid,
+                    "texts": texts,
+                    "labels": [p["label"] for p in outcome.predictions()],
+                }
+            },
+        )
+
+
+def _batch_body(outcome: Outcome, rid: str) -> dict:
+    return {
+        "predictions": outcome.predictions(),
+        "total_latency_ms": round(outcome.total_ms, 3),
+        "model_version": outcome.model.tag,
+        "request_id": rid,
+        "timing": outcome.timing(),
+    }
+
+
+async def predict(request: Request, core: ClassificationService, rid: str) -> Response:
+    body = _parse(PredictRequest, await _json_body(request, core.settings.max_body_bytes))
+    outcome = await core.classify([body.text], body.model_version)
+    pred = outcome.predictions()[0]
+    obs.observe_predictions(outcome.model.tag, [pred["label"]])
+    _log_io(core, rid, [body.text], outcome)
+    request.state.model_version = outcome.model.tag
+    return JSONResponse(
+        {
+            **pred,
+            "latency_ms": round(outcome.total_ms, 3),
+            "model_version": outcome.model.tag,
+            "request_id": rid,
+            "cached": False,
+            "timing": outcome.timing(),
+        }
+    )
+
+
+async def batch_predict(request: Request, core: ClassificationService, rid: str) -> Response:
+    body = _parse(BatchPredictRequest, await _json_body(request, core.settings.max_body_bytes))
+    outcome = await core.classify(body.texts, body.model_version)
+    obs.observe_predictions(outcome.model.tag, [p["label"] for p in outcome.predictions()])
+    _log_io(core, rid, body.texts, outcome)
+    request.state.model_version = outcome.model.tag
+    return JSONResponse(_batch_body(outcome, rid))
+
+
+def _texts_from_upload(name: str, raw: bytes) -> list[str]:
+    """Texts from a CSV (``text`` column) or JSONL (objects with ``text``) upload."""
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadRequestError(f"upload is not UTF-8 text (byte {exc.start} is invalid)") from exc
+    if not content.strip():
+        raise ValidationError("the uploaded file is empty")
+    if name.lower().endswith(".csv"):
+        try:
+            rows = list(csv.DictReader(io.StringIO(content, newline=""), strict=True))
+        except csv.Error as exc:
+            raise BadRequestError(f"upload is not valid CSV ({exc})") from exc
+        if not rows or "text" not in rows[0]:
+            raise ValidationError("the CSV upload needs a 'text' column")
+        texts = [r["text"] for r in rows]
+    elif name.lower().endswith((".jsonl", ".ndjson")):
+        texts = []
+        for lineno, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadRequestError(f"line {lineno} of the upload is not valid JSON") from exc
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise ValidationError(f"line {lineno} needs a string 'text' field")
+            texts.append(obj["text"])
+    else:
+        raise UnsupportedMediaTypeError("upload a .csv (with a 'text' column) or a .jsonl file")
+    if any(t is None for t in texts):
+        raise BadRequestError("a CSV row has fewer fields than the header")
+    return texts
+
+
+async def batch_predict_file(request: Request, core: ClassificationService, rid: str) -> Response:
+    _require_type(request, "multipart/form-data")
+    await _read_body(request, core.settings.max_upload_bytes)
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception as exc:
+        raise BadRequestError("the multipart body could not be parsed") from exc
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise ValidationError("send the file in a multipart field named 'file'")
+    texts = _texts_from_upload(upload.filename or "", await upload.read())
+    version = form.get("model_version") or request.query_params.get("model_version")
+    outcome = await core.classify(texts, version if isinstance(version, str) else None)
+    obs.observe_predictions(outcome.model.tag, [p["label"] for p in outcome.predictions()])
+    request.state.model_version = outcome.model.tag
+    return JSONResponse(_batch_body(outcome, rid))
+
+
+async def health(request: Request, core: ClassificationService, rid: str) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request, core: ClassificationService, rid: str) -> Response:
+    state = core.readiness()
+    return JSONResponse(state, status_code=200 if state["ready"] else 503)
+
+
+async def version(request: Request, core: ClassificationService, rid: str) -> Response:
+    return JSONResponse(core.version_info())
+
+
+async def models(request: Request, core: ClassificationService, rid: str) -> Response:
+    return JSONResponse(
+        {
+            "models": [m.summary() for m in core.registry.list()],
+            "defaults": core.registry.defaults(),
+            "service_default": core.settings.default_model,
+        }
+    )
+
+
+async def model_detail(request: Request, core: ClassificationService, rid: str) -> Response:
+    name, ver = request.path_params["name"], request.path_params["version"]
+    model = core.registry.resolve(f"{name}:{ver}")
+    return JSONResponse({**model.summary(), "metadata": model.metadata})
+
+
+def _endpoint(route: str, handler: Handler, get_core: Callable[[], ClassificationService]):
+    access = obs.json_logger("mlserve.access")
+
+    async def endpoint(request: Request) -> Response:
+        start = time.perf_counter()
+        rid = _request_id(request)
+        try:
+            response = await handler(request, get_core(), rid)
+        except MLServeError as exc:
+            obs.observe_error(exc.code)
+            response = JSONResponse({**exc.to_dict(), "request_id": rid}, status_code=exc.status)
+        except Exception:
+            obs.observe_error("internal_error")
+            access.exception("unhandled error", extra={"fields": {"request_id": rid}})
+            response = JSONResponse(
+                {
+                    "error": "internal_error",
+                    "message": "unexpected server error",
+                    "request_id": rid,
+                },
+                status_code=500,
+            )
+        elapsed = time.perf_counter() - start
+        response.headers["x-request-id"] = rid
+        obs.observe_request(route, response.status_code, elapsed)
+        if route not in ("/health", "/ready"):
+            access.info(
+                "request",
+                extra={
+                    "fields": {
+                        "request_id": rid,
+                        "route": route,
+                        "status": response.status_code,
+                        "latency_ms": round(elapsed * 1000, 3),
+                        "model_version": getattr(request.state, "model_version", None),
+                    }
+                },
+            )
+        return response
+
+    return endpoint
+
+
+ROUTES: list[tuple[str, Handler, list[str]]] = [
+    ("/predict", predict, ["POST"]),
+    ("/batch-predict", batch_predict, ["POST"]),
+    ("/batch-predict/file", batch_predict_file, ["POST"]),
+    ("/health", health, ["GET"]),
+    ("/ready", ready, ["GET"]),
+    ("/version", version, ["GET"]),
+    ("/models", models, ["GET"]),
+    ("/models/{name}/{version}", model_detail, ["GET"]),
+]
+
+
+def create_app(get_core: Callable[[], ClassificationService]) -> Starlette:
+    """The mlserve routes; ``get_core`` returns this worker's service core."""
+    routes = [
+        Route(path, _endpoint(path, handler, get_core), methods=methods)
+        for path, handler, methods in ROUTES
+    ]
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        code = "not_found" if status == 404 else "method_not_allowed"
+        return JSONResponse(
+            {"error": code, "message": f"{request.method} {request.url.path}"}, status
+        )
+
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})

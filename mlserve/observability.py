@@ -1,0 +1,134 @@
+"""Prometheus metrics, JSON request logs and per-worker thread pinning.
+
+Metrics are created on first use, inside the worker: BentoML sets ``PROMETHEUS_MULTIPROC_DIR``
+only after the service module is imported, and prometheus_client must see it to aggregate
+across worker processes on ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from functools import cache, lru_cache
+from typing import Any
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.requests = Counter(
+            "mlserve_requests", "HTTP requests by route and status code.", ["route", "status"]
+        )
+        self.request_latency = Histogram(
+            "mlserve_request_latency_seconds",
+            "End-to-end request latency by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.inference_latency = Histogram(
+            "mlserve_inference_latency_seconds",
+            "Inference latency by model version and stage (queue, preprocess, model, postprocess).",
+            ["model_version", "stage"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "mlserve_batch_size",
+            "Texts per adaptive batch, by model version.",
+            ["model_version"],
+            buckets=BATCH_BUCKETS,
+        )
+        self.predictions = Counter(
+            "mlserve_predictions", "Predicted labels by model version.", ["model_version", "label"]
+        )
+        self.errors = Counter("mlserve_errors", "Errors by type.", ["type"])
+        self.loaded = Gauge(
+            "mlserve_model_loaded",
+            "1 while a model version is loaded in a worker.",
+            ["model_version"],
+            multiprocess_mode="livemax",
+        )
+
+
+@lru_cache(maxsize=1)
+def metrics() -> _Metrics:
+    return _Metrics()
+
+
+class _LazyGauge:
+    def labels(self, **kw: str) -> Any:
+        return metrics().loaded.labels(**kw)
+
+
+MODEL_LOADED = _LazyGauge()
+
+
+def observe_batch(tag: str, n: int, queue_ms: float, timing: dict[str, float]) -> None:
+    m = metrics()
+    m.batch_size.labels(model_version=tag).observe(n)
+    m.inference_latency.labels(model_version=tag, stage="queue").observe(queue_ms / 1000.0)
+    for stage in ("preprocess", "model", "postprocess"):
+        m.inference_latency.labels(model_version=tag, stage=stage).observe(
+            timing.get(f"{stage}_ms", 0.0) / 1000.0
+        )
+
+
+def observe_request(route: str, status: int, seconds: float) -> None:
+    m = metrics()
+    m.requests.labels(route=route, status=str(status)).inc()
+    m.request_latency.labels(route=route).observe(seconds)
+
+
+def observe_predictions(tag: str, labels: list[str]) -> None:
+    counter = metrics().predictions
+    for label in labels:
+        counter.labels(model_version=tag, label=label).inc()
+
+
+def observe_error(kind: str) -> None:
+    metrics().errors.labels(type=kind).inc()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        payload.update(getattr(record, "fields", {}))
+        return json.dumps(payload, ensure_ascii=False)
+
+
+@cache
+def json_logger(name: str) -> logging.Logger:
+    """A logger that writes JSON lines to stderr and does not propagate to BentoML's."""
+    logger = logging.getLogger(name)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+def configure_threads(settings: Any) -> None:
+    """Pin BLAS threads for this worker (torch's own threads are set by its runner)."""
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(settings.blas_threads)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(settings.blas_threads, user_api="blas")
+    except ImportError:  # pragma: no cover - scikit-learn always brings threadpoolctl
+        pass

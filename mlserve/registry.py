@@ -1,0 +1,143 @@
+"""The loaded models of one worker, keyed by (name, version), with a default version per name."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlserve.batching import AdaptiveBatcher
+from mlserve.errors import ModelNotFoundError, ServiceUnavailableError, ValidationError
+from mlserve.settings import NAME_RE, TAG_RE
+from runners.base import Runner
+
+
+@dataclass
+class LoadedModel:
+    """A runner that is loaded, warmed up and ready for traffic."""
+
+    name: str
+    version: str
+    runner: Runner
+    batcher: AdaptiveBatcher
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.runner.model.metadata
+
+    def summary(self) -> dict[str, Any]:
+        meta = self.metadata
+        return {
+            "tag": self.tag,
+            "name": self.name,
+            "version": self.version,
+            "runner_family": meta["runner_family"],
+            "estimator": meta["estimator"]["name"],
+            "labels": meta["labels"],
+            "test_metrics": {
+                k: meta["metrics"]["test"][k] for k in ("accuracy", "f1_macro", "pr_auc", "ece")
+            },
+            "training_date": meta["training_date"],
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+        }
+
+
+class ModelRegistry:
+    """Resolves ``model_version`` strings to loaded models.
+
+    ``None`` means the service default; a bare name means that name's default version; and
+    ``name:version`` means exactly that version.
+    """
+
+    def __init__(self, service_default: str):
+        self.service_default = service_default
+        self._models: dict[tuple[str, str], LoadedModel] = {}
+        self._defaults: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def add(self, model: LoadedModel, make_default: bool = False) -> None:
+        with self._lock:
+            self._models[(model.name, model.version)] = model
+            if make_default or model.name not in self._defaults:
+                self._defaults[model.name] = model.version
+
+    def resolve(self, model_version: str | None) -> LoadedModel:
+        """The loaded model a request asks for, or a typed error."""
+        ref = model_version if model_version not in (None, "") else self.service_default
+        if not isinstance(ref, str) or not (TAG_RE.match(ref) or NAME_RE.match(ref)):
+            raise ValidationError(
+                "model_version must be a model name or name:version of lowercase letters, "
+                "digits, '_', '-' or '.'"
+            )
+        name, _, version = ref.partition(":")
+        with self._lock:
+            if not version:
+                version = self._defaults.get(name, "")
+                if not version:
+                    raise ModelNotFoundError(f"no version of model {name!r} is loaded")
+            found = self._models.get((name, version))
+        if found is None:
+            raise ModelNotFoundError(f"model {name}:{version} is not loaded")
+        return found
+
+    def get(self, name: str, version: str) -> LoadedModel:
+        with self._lock:
+            found = self._models.get((name, version))
+        if found is None:
+            raise ModelNotFoundError(f"model {name}:{version} is not loaded")
+        return found
+
+    def list(self) -> list[LoadedModel]:
+        with self._lock:
+            return sorted(self._models.values(), key=lambda m: (m.name, m.version))
+
+    def defaults(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._defaults)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+class ModelLoader:
+    """Loads the configured tags in a background thread, so /health answers during start-up."""
+
+    def __init__(
+        self, tags: list[str], build: Callable[[str], LoadedModel], registry: ModelRegistry
+    ):
+        self.tags = list(tags)
+        self._build = build
+        self._registry = registry
+        self.status: dict[str, str] = dict.fromkeys(self.tags, "pending")
+        self.errors: dict[str, str] = {}
+        self._thread = threading.Thread(target=self._run, name="mlserve-loader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        for tag in self.tags:
+            self.status[tag] = "loading"
+            try:
+                self._registry.add(self._build(tag))
+                self.status[tag] = "ready"
+            except Exception as exc:
+                self.status[tag] = "failed"
+                self.errors[tag] = getattr(exc, "message", None) or type(exc).__name__
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.tags) and all(s == "ready" for s in self.status.values())
+
+    def require_ready(self) -> None:
+        if not len(self._registry):
+            raise ServiceUnavailableError(
+                "no model is loaded yet; retry shortly", models=self.status
+            )

@@ -1,0 +1,1 @@
+"""Scripts around the BentoML model store: export, import (with verification) and verify."""

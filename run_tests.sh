@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install everything the tests need and run the whole suite (lint, unit, integration).
+#   ./run_tests.sh                 everything
+#   ./run_tests.sh tests/unit -x   extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")"
+# shellcheck source=scripts/install.sh
+source scripts/install.sh
+install_mlserve "train,torch,dev"
+export HF_HUB_OFFLINE=1
+
+# A real Redis for the cache tests: use one on 127.0.0.1:6379, or start one if we can.
+if ! .venv/bin/python -c "import redis; redis.Redis(socket_timeout=1).ping()" 2>/dev/null; then
+  if command -v redis-server >/dev/null 2>&1; then
+    echo "==> starting redis-server on 127.0.0.1:6379"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+    for _ in $(seq 1 50); do
+      .venv/bin/python -c "import redis; redis.Redis(socket_timeout=1).ping()" 2>/dev/null && break
+      sleep 0.1
+    done
+  elif [ "${CI:-}" = "true" ]; then
+    echo "error: no Redis at 127.0.0.1:6379 and no redis-server binary; CI needs one" >&2
+    exit 1
+  fi
+fi
+
+echo "==> ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+
+echo "==> pytest"
+exec .venv/bin/python -m pytest -q "${@:-tests}"

@@ -1,0 +1,56 @@
+"""The mlserve BentoML service: wiring only. Model logic lives in runners/ and mlserve/.
+
+Serve it with ``bentoml serve service:MLServe`` (or ``mlserve serve``). The HTTP routes are a
+Starlette app (mlserve.http) mounted into this service, so BentoML's own /livez, /readyz and
+/metrics keep working beside them, and adaptive batching runs in-process (mlserve.batching).
+"""
+
+from __future__ import annotations
+
+import bentoml
+
+from mlserve.http import create_app
+from mlserve.settings import get_settings
+
+_settings = get_settings()
+_cors = (
+    {
+        "cors": {
+            "enabled": True,
+            "access_control_allow_origins": _settings.cors_origins,
+            "access_control_allow_methods": ["GET", "POST"],
+            "access_control_allow_headers": ["Content-Type", "Authorization", "X-Request-ID"],
+        }
+    }
+    if _settings.cors_origins
+    else {}
+)
+_core = None
+http_app = create_app(lambda: _core)
+
+
+@bentoml.service(
+    name="mlserve",
+    workers=_settings.workers,
+    traffic={"timeout": _settings.infer_timeout_seconds + 5},
+    http=_cors,
+    # mlserve.http writes one JSON access line per request; BentoML's own would duplicate it.
+    logging={"access": {"enabled": False}},
+)
+@bentoml.asgi_app(http_app, path="/")
+class MLServe:
+    """Text classification with several model versions, batched adaptively per worker."""
+
+    def __init__(self) -> None:
+        global _core
+        from mlserve.core import ClassificationService
+
+        _core = self.core = ClassificationService(get_settings())
+        self.core.start()  # models load in the background; /health answers meanwhile
+
+    def __is_ready__(self) -> bool:
+        return self.core.loader.ready
+
+    @bentoml.on_shutdown
+    async def close(self) -> None:
+        await self.core.aclose()
