@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlserve.errors import InferenceTimeoutError
+from mlserve.errors import InferenceTimeoutError, ServiceUnavailableError
 from runners.base import BatchResult
 
 
@@ -66,6 +66,7 @@ class AdaptiveBatcher:
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlserve-model")
         self._last_batch_jobs = 1
+        self._inflight: list[_Job] = []
         self._closed = False
 
     async def submit(self, texts: list[str], timeout: float) -> BatchSlice:
@@ -124,13 +125,16 @@ class AdaptiveBatcher:
             self._last_batch_jobs = len(jobs)
             start = time.perf_counter()
             texts = [t for job in jobs for t in job.texts]
+            self._inflight = jobs
             try:
                 result = await loop.run_in_executor(self._executor, self._predict, texts)
-            except Exception as exc:
+            except Exception as exc:  # every request of the batch gets the error
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
+            finally:
+                self._inflight = []
             queue_ms = [(start - job.enqueued) * 1000.0 for job in jobs]
             if self._on_batch:
                 self._on_batch(len(texts), max(queue_ms), result.timing_ms)
@@ -150,12 +154,12 @@ class AdaptiveBatcher:
                 offset += n
 
     async def aclose(self) -> None:
-        """Stop the consumer; requests still queued get an error."""
+        """Stop the consumer; requests queued or running get a 503 error."""
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-        for job in self._queue:
+        for job in [*self._inflight, *self._queue]:
             if not job.future.done():
-                job.future.cancel()
+                job.future.set_exception(ServiceUnavailableError("the model was unloaded"))
         self._queue.clear()
         self._executor.shutdown(wait=False)

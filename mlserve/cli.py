@@ -138,6 +138,8 @@ def train_cmd(
         )
         if not NAME_RE.match(model_name):
             raise _fail(f"invalid model name {model_name!r}: use lowercase letters, digits, _.-")
+        if version is not None and not NAME_RE.match(version):
+            raise _fail(f"invalid version {version!r}: use lowercase letters, digits, _.-")
         tag = f"{model_name}:{version or _next_version(model_name)}"
         if model_exists(tag) and not overwrite:
             raise _fail(f"{tag} already exists; choose another --version or pass --overwrite")

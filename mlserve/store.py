@@ -8,6 +8,7 @@ LightGBM text or safetensors, and each family's runner module reads its own file
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -104,9 +105,24 @@ def save_model(
         path = Path(model.path)
         write_files(path)
         files = hash_directory(path)
-        # The metadata round-trips through YAML: keep it to JSON types.
-        model.info.metadata.update(json.loads(json.dumps({**metadata, "files": files})))
-    return open_model(tag)
+        # The metadata round-trips through YAML: keep it to JSON types, without nulls
+        # (BentoML refuses None values).
+        model.info.metadata.update(_drop_none(json.loads(json.dumps({**metadata, "files": files}))))
+    try:
+        return open_model(tag)
+    except Exception:
+        # Never leave a model that cannot be read back in the store.
+        with contextlib.suppress(Exception):
+            bentoml.models.delete(tag)
+        raise
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value if v is not None]
+    return value
 
 
 def open_model(tag: str, *, verify: bool = True) -> StoredModel:
@@ -156,9 +172,14 @@ def verify_files(tag: str, path: Path, metadata: dict[str, Any]) -> None:
 def list_models(name: str | None = None) -> list[StoredModel]:
     """Every mlserve model in the store (unverified; for listings), newest first."""
     import bentoml
+    from bentoml.exceptions import NotFound
 
+    try:
+        models = bentoml.models.list(name)
+    except NotFound:  # no model of that name yet
+        return []
     out = []
-    for model in bentoml.models.list(name):
+    for model in models:
         meta = dict(model.info.metadata)
         if "runner_family" not in meta:
             continue

@@ -26,7 +26,8 @@ ESTIMATOR_FILES = {
     "xgboost": "estimator.ubj",
     "lightgbm": "estimator.txt",
 }
-# skops refuses any type not listed here, so a tampered file cannot name arbitrary callables.
+# The only estimator types a skops file may contain, so a tampered file cannot name other
+# classes or callables.
 TRUSTED_SKOPS_TYPES = {
     "logreg": ["sklearn.linear_model._logistic.LogisticRegression"],
     "random_forest": [
@@ -35,6 +36,35 @@ TRUSTED_SKOPS_TYPES = {
         "sklearn.tree._tree.Tree",
     ],
 }
+# Plain containers and numbers a skops file of those estimators may hold besides them.
+SKOPS_BASIC_TYPES = {
+    f"builtins.{t}" for t in ("dict", "list", "tuple", "str", "int", "float", "bool", "NoneType")
+} | {f"numpy.{t}" for t in ("ndarray", "int32", "int64", "float32", "float64", "dtype")}
+
+
+def skops_types(path: Path) -> set[str]:
+    """Every ``module.Class`` a skops file names, read from its schema without loading it.
+
+    skops trusts many types by default (pipelines, numpy functions, ...); mlserve allows only
+    the estimator's own types, so the whole schema is checked against an explicit list.
+    """
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        schema = json.loads(zf.read("schema.json"))
+    found: set[str] = set()
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "__class__" in node:
+                found.add(f"{node.get('__module__')}.{node['__class__']}")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
 TFIDF_PARAMS = (
     "analyzer",
     "ngram_range",
@@ -120,11 +150,11 @@ def load_estimator(kind: str, directory: Path, n_threads: int = 1) -> Any:
     if kind in TRUSTED_SKOPS_TYPES:
         import skops.io as sio
 
-        allowed = TRUSTED_SKOPS_TYPES[kind]
-        untrusted = set(sio.get_untrusted_types(file=path)) - set(allowed)
+        allowed = set(TRUSTED_SKOPS_TYPES[kind]) | SKOPS_BASIC_TYPES
+        untrusted = skops_types(path) - allowed
         if untrusted:
             raise ModelIntegrityError(f"estimator names untrusted types: {sorted(untrusted)}")
-        est = sio.load(path, trusted=allowed)
+        est = sio.load(path, trusted=sorted(allowed))
         if hasattr(est, "n_jobs"):
             est.n_jobs = n_threads
         return est.predict_proba

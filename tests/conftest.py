@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mlserve.settings import get_settings
+# BentoML resolves its model store once per process, from BENTOML_HOME. Point it at a
+# throw-away folder before anything touches it, so no test can write to the user's store.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="mlserve-tests-bentoml-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from mlserve.settings import get_settings  # noqa: E402
 
 
 @pytest.fixture

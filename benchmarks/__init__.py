@@ -1,0 +1,1 @@
+"""Benchmarks: mlserve against a plain FastAPI app and a naive BentoML service."""

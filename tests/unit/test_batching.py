@@ -1,0 +1,165 @@
+"""The adaptive batcher: requests are merged, answered in order, never crossed, never dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from mlserve.batching import AdaptiveBatcher
+from mlserve.errors import InferenceTimeoutError, ServiceUnavailableError
+from runners.base import BatchResult
+
+LABELS = ["even", "odd"]
+
+
+class LengthModel:
+    """A deterministic model: P(odd) grows with the text's length, so each answer identifies
+    its own input. Records every batch it receives."""
+
+    def __init__(self, delay: float = 0.0):
+        self.batches: list[list[str]] = []
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def __call__(self, texts: list[str]) -> BatchResult:
+        with self.lock:
+            self.batches.append(list(texts))
+        time.sleep(self.delay)
+        p_odd = np.array([len(t) / 1000.0 for t in texts])
+        probs = np.column_stack([1 - p_odd, p_odd])
+        idx = np.array([len(t) % 2 for t in texts])
+        return BatchResult(LABELS, probs, idx, {"model_ms": self.delay * 1000})
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_single_request_runs_alone_and_at_once() -> None:
+    model = LengthModel()
+    batcher = AdaptiveBatcher(model, max_batch_size=8, max_latency_ms=50)
+
+    async def go():
+        start = time.perf_counter()
+        out = await batcher.submit(["abc"], timeout=5)
+        return out, time.perf_counter() - start
+
+    out, elapsed = run(go())
+    assert model.batches == [["abc"]]
+    assert out.labels == LABELS and out.batch_size == 1
+    assert out.probabilities.shape == (1, 2)
+    assert out.probabilities[0, 1] == pytest.approx(0.003)
+    assert elapsed < 0.05  # no batching wait for a lone request
+    assert set(out.timing_ms) >= {"queue_ms", "model_ms"}
+
+
+def test_concurrent_requests_are_batched_and_never_crossed() -> None:
+    model = LengthModel(delay=0.02)
+    batcher = AdaptiveBatcher(model, max_batch_size=16, max_latency_ms=5)
+    texts = ["x" * n for n in range(1, 101)]
+
+    async def go():
+        return await asyncio.gather(*(batcher.submit([t], timeout=10) for t in texts))
+
+    outs = run(go())
+    for text, out in zip(texts, outs, strict=True):
+        assert out.probabilities[0, 1] == pytest.approx(len(text) / 1000.0)
+        assert out.predicted_index[0] == len(text) % 2
+    sizes = [len(b) for b in model.batches]
+    assert sum(sizes) == 100
+    assert max(sizes) > 1  # requests were merged
+    assert max(sizes) <= 16  # and never beyond the limit
+
+
+def test_multi_text_requests_keep_their_rows_together_in_order() -> None:
+    model = LengthModel(delay=0.01)
+    batcher = AdaptiveBatcher(model, max_batch_size=10, max_latency_ms=0)
+    requests = [["a" * (i * 10 + j + 1) for j in range(3)] for i in range(6)]
+
+    async def go():
+        return await asyncio.gather(*(batcher.submit(r, timeout=10) for r in requests))
+
+    for req, out in zip(requests, run(go()), strict=True):
+        assert out.probabilities[:, 1] == pytest.approx([len(t) / 1000.0 for t in req])
+    for batch in model.batches:
+        assert len(batch) <= 10
+
+
+def test_a_request_larger_than_max_batch_size_still_runs_whole() -> None:
+    model = LengthModel()
+    batcher = AdaptiveBatcher(model, max_batch_size=4, max_latency_ms=0)
+    out = run(batcher.submit(["a", "bb", "ccc", "dddd", "eeeee", "ffffff"], timeout=5))
+    assert out.probabilities.shape == (6, 2)
+    assert model.batches == [["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]]
+
+
+def test_model_errors_reach_every_request_of_the_batch_and_the_batcher_recovers() -> None:
+    calls = {"n": 0}
+    model = LengthModel(delay=0.01)
+
+    def flaky(texts):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return model(texts)
+
+    batcher = AdaptiveBatcher(flaky, max_batch_size=8, max_latency_ms=0)
+
+    async def go():
+        first = await asyncio.gather(batcher.submit(["a"], timeout=5), return_exceptions=True)
+        second = await batcher.submit(["bb"], timeout=5)
+        return first, second
+
+    first, second = run(go())
+    assert isinstance(first[0], RuntimeError)
+    assert second.probabilities[0, 1] == pytest.approx(0.002)
+
+
+def test_timeout_raises_504_error_and_later_requests_still_work() -> None:
+    model = LengthModel(delay=0.2)
+    batcher = AdaptiveBatcher(model, max_batch_size=8, max_latency_ms=0)
+
+    async def go():
+        with pytest.raises(InferenceTimeoutError) as info:
+            await batcher.submit(["slow"], timeout=0.05)
+        assert info.value.status == 504
+        return await batcher.submit(["ok"], timeout=5)
+
+    out = run(go())
+    assert out.probabilities[0, 1] == pytest.approx(0.002)
+
+
+def test_on_batch_reports_sizes() -> None:
+    seen = []
+    model = LengthModel(delay=0.01)
+    batcher = AdaptiveBatcher(
+        model, 32, 2, on_batch=lambda n, queue_ms, timing: seen.append((n, queue_ms >= 0))
+    )
+
+    async def go():
+        await asyncio.gather(*(batcher.submit(["t" * i], timeout=5) for i in range(1, 21)))
+
+    run(go())
+    assert sum(n for n, _ in seen) == 20
+    assert all(ok for _, ok in seen)
+
+
+def test_aclose_fails_queued_and_running_requests_with_503_at_once() -> None:
+    model = LengthModel(delay=0.1)
+    batcher = AdaptiveBatcher(model, 1, 0)
+
+    async def go():
+        tasks = [asyncio.create_task(batcher.submit([str(i)], timeout=5)) for i in range(3)]
+        await asyncio.sleep(0.02)  # the first is running, two are queued
+        start = time.perf_counter()
+        await batcher.aclose()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        return results, time.perf_counter() - start
+
+    results, elapsed = run(go())
+    assert all(isinstance(r, ServiceUnavailableError) for r in results)
+    assert elapsed < 1.0
