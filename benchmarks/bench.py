@@ -40,7 +40,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(cmd: list[str], port: int, env: dict[str, str], ready_path: str):
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=log, start_new_session=True
     )
@@ -125,25 +125,13 @@ def hey(url: str, body: dict, concurrency: int, duration: int) -> dict:
     }
 
 
-def in_process(tag: str, texts: list[str], repeat: int) -> dict:
-    """Texts/s of the runner itself, unbatched (one text per call) and as one batch."""
-    code = f"""
-import json, time, statistics
-from runners import load_runner
-r = load_runner({tag!r})
-texts = {texts!r}
-one = []
-for _ in range({repeat}):
-    t0 = time.perf_counter(); [r.predict([t]) for t in texts]; one.append(len(texts) / (time.perf_counter() - t0))
-batch = []
-for _ in range({repeat}):
-    t0 = time.perf_counter(); r.predict(texts); batch.append(len(texts) / (time.perf_counter() - t0))
-print(json.dumps({{"unbatched_texts_per_s": statistics.median(one), "batch_texts_per_s": statistics.median(batch)}}))
-"""
+def in_process(tag: str, n_texts: int, repeat: int) -> dict:
+    """Texts/s of the runner itself (see benchmarks/inprocess.py), in a fresh process."""
+    cmd = [sys.executable, "-m", "benchmarks.inprocess", tag, "--texts", str(n_texts)]
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+        [*cmd, "--repeat", str(repeat)], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
-    return {k: round(v, 1) for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -212,10 +200,9 @@ def main() -> None:
             "naive bentoml /predict classical c=32", hey(url + "/predict", body, 32, args.duration)
         )
 
-    texts = [f"{TEXT} ({i})" for i in range(100)]
-    record("in-process classical", in_process("sentiment:v1", texts, 5))
+    record("in-process classical", in_process("sentiment:v1", 100, 5))
     if not args.skip_transformer:
-        record("in-process transformer", in_process("sentiment:v2", texts[:32], 3))
+        record("in-process transformer", in_process("sentiment:v2", 32, 3))
 
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     lines = [

@@ -14,7 +14,7 @@ import pytest
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="mlserve-tests-bentoml-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mlserve.settings import get_settings  # noqa: E402
+from mlserve.settings import get_settings
 
 
 @pytest.fixture
