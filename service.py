@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bentoml
 
-from mlserve.http import create_app
+from mlserve.http import JsonNotFoundMiddleware, create_app
 from mlserve.settings import get_settings
 
 _settings = get_settings()
@@ -54,3 +54,6 @@ class MLServe:
     @bentoml.on_shutdown
     async def close(self) -> None:
         await self.core.aclose()
+
+
+MLServe.add_asgi_middleware(JsonNotFoundMiddleware)

@@ -70,8 +70,8 @@ async def _json_body(request: Request, limit: int) -> object:
     body = await _read_body(request, limit)
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequestError("request body is not valid JSON") from exc
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting
+        raise BadRequestError("request body is not valid JSON") from None
 
 
 def _schema_error(exc: pydantic.ValidationError) -> ValidationError:
@@ -164,8 +164,8 @@ def _texts_from_upload(name: str, raw: bytes) -> list[str]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BadRequestError(f"line {lineno} of the upload is not valid JSON") from exc
+            except (ValueError, RecursionError):
+                raise BadRequestError(f"line {lineno} of the upload is not valid JSON") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise ValidationError(f"line {lineno} needs a string 'text' field")
             texts.append(obj["text"])
@@ -276,6 +276,46 @@ ROUTES: list[tuple[str, Handler, list[str]]] = [
     ("/models", models, ["GET"]),
     ("/models/{name}/{version}", model_detail, ["GET"]),
 ]
+
+
+class JsonNotFoundMiddleware:
+    """Turn the plain-text 404 of BentoML's outer router (unknown paths) into a JSON error."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def guarded_send(message: dict) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] == 404:
+                headers = dict(message.get("headers") or [])
+                if headers.get(b"content-type", b"").startswith(b"text/plain"):
+                    replaced = True
+                    body = json.dumps(
+                        {"error": "not_found", "message": f"no route for {scope['path']}"}
+                    ).encode()
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 404,
+                            "headers": [
+                                (b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                            ],
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": body})
+                    return
+            if replaced:  # swallow the original plain-text body
+                return
+            await send(message)
+
+        await self.app(scope, receive, guarded_send)
 
 
 def create_app(get_core: Callable[[], ClassificationService]) -> Starlette:
