@@ -70,7 +70,7 @@ async def _json_body(request: Request, limit: int) -> object:
     body = await _read_body(request, limit)
     try:
         return json.loads(body)
-    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting
+    except (ValueError, RecursionError):  # bad UTF-8, bad JSON, absurd nesting
         raise BadRequestError("request body is not valid JSON") from None
 
 
