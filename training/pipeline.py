@@ -126,6 +126,7 @@ class TrainingRun:
     test_texts: list[str]
     y_test: np.ndarray
     metric: str
+    baseline: dict = field(default_factory=dict)
 
     def best(self, family: str | None = None) -> Result:
         pool = [r for r in self.results if family in (None, r.fitted.family)]
@@ -224,7 +225,26 @@ def train(dataset: Dataset, cfg: TrainConfig, console: Console | None = None) ->
             fit = fit_minilm(encoder, emb_train, y_train, emb_val, y_val, cfg.seed, cfg.max_tokens)
             results.append(_calibrate(fit, t_val, y_val, t_test, y_test, labels, cfg, counts))
             progress.advance(task)
-    return TrainingRun(dataset, cfg, labels, splits, results, t_test, y_test, metric)
+    baseline = _plain_baseline(t_train, y_train, t_test, y_test, labels)
+    return TrainingRun(dataset, cfg, labels, splits, results, t_test, y_test, metric, baseline)
+
+
+def _plain_baseline(
+    t_train: list[str],
+    y_train: np.ndarray,
+    t_test: list[str],
+    y_test: np.ndarray,
+    labels: list[str],
+) -> dict:
+    """Plain TF-IDF + LogisticRegression with library defaults on the same split: the bar the
+    winner has to clear."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vec = TfidfVectorizer()
+    lr = LogisticRegression(max_iter=1000).fit(vec.fit_transform(t_train), y_train)
+    metrics = evaluate(y_test, lr.predict_proba(vec.transform(t_test)), labels)
+    return {"name": "plain tfidf+logreg (defaults, uncalibrated)", "test": _headline(metrics)}
 
 
 def _calibrate(
@@ -316,6 +336,7 @@ def save_result(
             "max_tokens": cfg.max_tokens,
         },
         "candidates": [r.row() for r in run.results],
+        "baseline": run.baseline,
         "speed": result.speed,
         "library_versions": library_versions(),
         "mlserve_version": mlserve.__version__,

@@ -131,6 +131,9 @@ def model_card(meta: dict) -> str:
 |---|---|---|---|---|---|---|---|---|
 {rows}
 
+Baseline on the same split, {meta["baseline"]["name"]}: test accuracy
+{_fmt(meta["baseline"]["test"]["accuracy"])}, macro-F1 {_fmt(meta["baseline"]["test"]["f1_macro"])}.
+
 ## Intended use and limits
 
 Served by mlserve. Inputs are cleaned with the stored configuration
