@@ -114,7 +114,10 @@ def hey(url: str, body: dict, concurrency: int, duration: int) -> dict:
     }
     codes = {int(c): int(n) for c, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
     errors = sum(n for c, n in codes.items() if not 200 <= c < 300)
-    errors += sum(int(n) for n in re.findall(r"\[(\d+)\]\t", out.split("Error distribution:")[-1]))
+    if "Error distribution:" in out:  # connection-level errors: "  [count]\tmessage"
+        errors += sum(
+            int(n) for n in re.findall(r"\[(\d+)\]\s", out.split("Error distribution:")[1])
+        )
     return {
         "rps": round(rps, 1),
         "p50_ms": round(pct.get(50, float("nan")), 2),

@@ -7,6 +7,7 @@ Every field is documented here and in ``.env.example``. Validators refuse unsafe
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from functools import lru_cache
 from typing import Annotated, Literal
@@ -71,7 +72,12 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Torch device: auto picks cuda, then mps, then cpu."
     )
-    torch_threads: int = Field(0, ge=0, description="Torch intra-op threads per worker; 0 = cores.")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="Torch intra-op threads per worker; 0 = auto: the worker's share of the "
+        "cores minus one, left for the event loop (at least 1).",
+    )
     blas_threads: int = Field(1, ge=1, description="BLAS/OpenMP threads per worker process.")
     workers: int = Field(1, ge=1, le=64, description="Server worker processes.")
 
@@ -132,6 +138,13 @@ class Settings(BaseSettings):
                 "set a token or MLSERVE_ADMIN_ENABLED=false"
             )
         return self
+
+    @property
+    def effective_torch_threads(self) -> int:
+        if self.torch_threads:
+            return self.torch_threads
+        share = (os.cpu_count() or 1) // self.workers
+        return max(1, share - 1)
 
     @property
     def max_body_bytes(self) -> int:

@@ -136,8 +136,7 @@ class TransformerRunner(Runner):
         from safetensors.torch import load_file
 
         settings = get_settings()
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(settings.effective_torch_threads)
         meta, path = self.model.metadata, self.model.path
         self.device = pick_device(settings.device)
         self.cleaning = CleaningConfig(**meta["preprocessing"]["cleaning"])
