@@ -69,43 +69,11 @@ def hey(url: str, body: dict, concurrency: int, duration: int) -> dict:
     """Run hey; return requests/s, latency percentiles (ms) and non-2xx count."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(body, f)
-    # Warm-up pass so JIT-like first-call costs (thread pools, allocators) are not measured.
-    subprocess.run(
-        [
-            "hey",
-            "-n",
-            "200",
-            "-c",
-            str(concurrency),
-            "-m",
-            "POST",
-            "-T",
-            "application/json",
-            "-D",
-            f.name,
-            url,
-        ],
-        capture_output=True,
-        check=True,
-    )
+    args = ["-c", str(concurrency), "-m", "POST", "-T", "application/json", "-D", f.name, url]
+    # Warm-up pass so first-call costs (thread pools, allocators) are not measured.
+    subprocess.run(["hey", "-n", "200", *args], capture_output=True, check=True)
     out = subprocess.run(
-        [
-            "hey",
-            "-z",
-            f"{duration}s",
-            "-c",
-            str(concurrency),
-            "-m",
-            "POST",
-            "-T",
-            "application/json",
-            "-D",
-            f.name,
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+        ["hey", "-z", f"{duration}s", *args], capture_output=True, text=True, check=True
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     pct = {

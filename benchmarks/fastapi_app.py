@@ -11,6 +11,7 @@ import time
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from benchmarks.common import prediction_body
 from runners import load_runner
 
 runner = load_runner(os.environ.get("BENCH_MODEL", "sentiment:v1"))
@@ -25,13 +26,5 @@ class Body(BaseModel):
 @app.post("/predict")
 def predict(body: Body) -> dict:
     start = time.perf_counter()
-    result = runner.predict([body.text])
-    idx = int(result.predicted_index[0])
-    probs = result.probabilities[0]
-    return {
-        "label": result.labels[idx],
-        "confidence": float(probs[idx]),
-        "probabilities": dict(zip(result.labels, map(float, probs), strict=True)),
-        "latency_ms": (time.perf_counter() - start) * 1000,
-        "model_version": runner.tag,
-    }
+    body_out = prediction_body(runner, body.text)
+    return {**body_out, "latency_ms": (time.perf_counter() - start) * 1000}

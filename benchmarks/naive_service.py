@@ -9,6 +9,8 @@ import os
 
 import bentoml
 
+from benchmarks.common import prediction_body
+
 
 @bentoml.service(name="naive", workers=1, logging={"access": {"enabled": False}})
 class Naive:
@@ -19,12 +21,4 @@ class Naive:
 
     @bentoml.api
     def predict(self, text: str, model_version: str | None = None) -> dict:
-        result = self.runner.predict([text])
-        idx = int(result.predicted_index[0])
-        probs = result.probabilities[0]
-        return {
-            "label": result.labels[idx],
-            "confidence": float(probs[idx]),
-            "probabilities": dict(zip(result.labels, map(float, probs), strict=True)),
-            "model_version": self.runner.tag,
-        }
+        return prediction_body(self.runner, text)

@@ -219,6 +219,30 @@ class Server:
             self.proc.wait(timeout=10)
 
 
+def launch(
+    target: list[str],
+    port: int,
+    env: dict[str, str],
+    cwd: Path,
+    log_path: Path,
+    overrides: dict[str, str] | None = None,
+) -> Server:
+    """Start ``bentoml serve TARGET`` on 127.0.0.1:port in its own process group, output to
+    ``log_path``."""
+    cmd = [BENTOML, "serve", *target, "--port", str(port), "--host", "127.0.0.1"]
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Server(f"http://127.0.0.1:{port}", overrides or {}, log_path, proc)
+
+
 def wait_for(server: Server, path: str, status: int, timeout: float) -> httpx.Response:
     """Poll ``GET path`` until it answers ``status``; fail with the server's log otherwise."""
     deadline = time.monotonic() + timeout
@@ -272,19 +296,8 @@ def start_server(
         home.mkdir()
         (home / "models").symlink_to(model_home / "models", target_is_directory=True)
         env = clean_env(BENTOML_HOME=str(home), **{k: str(v) for k, v in overrides.items()})
-        cmd = [BENTOML, "serve", "service:MLServe", "--working-dir", str(REPO)]
-        cmd += ["--port", str(port), "--host", "127.0.0.1"]
-        with log_path.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        server = Server(f"http://127.0.0.1:{port}", overrides, log_path, proc)
+        target = ["service:MLServe", "--working-dir", str(REPO)]
+        server = launch(target, port, env, workdir, log_path, overrides)
         servers.append(server)
         wait_for(server, "/health", 200, HEALTH_TIMEOUT_S)
         if ready:

@@ -16,9 +16,9 @@ from tests.integration.conftest import (
     BENTOML,
     READY_TIMEOUT_S,
     REPO,
-    Server,
     _free_port,
     clean_env,
+    launch,
     wait_for,
 )
 
@@ -47,19 +47,7 @@ def test_built_bento_carries_its_models_and_serves(model_home: Path, tmp_path: P
     for model in ("sentiment", "topic"):
         assert model in models, models
 
-    port = _free_port()
-    log_path = tmp_path / "bento.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [BENTOML, "serve", tag, "--port", str(port), "--host", "127.0.0.1"],
-            cwd=tmp_path,
-            env=fresh,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(f"http://127.0.0.1:{port}", {}, log_path, proc)
+    server = launch([tag], _free_port(), fresh, tmp_path, tmp_path / "bento.log")
     try:
         wait_for(server, "/ready", 200, READY_TIMEOUT_S)
         with server.client() as client:
