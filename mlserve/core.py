@@ -7,9 +7,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 import mlserve
 from mlserve import observability as obs
 from mlserve.batching import AdaptiveBatcher, BatchSlice
+from mlserve.cache import PredictionCache, make_backend
 from mlserve.errors import ValidationError
 from mlserve.registry import LoadedModel, ModelLoader, ModelRegistry
 from mlserve.settings import Settings
@@ -23,13 +26,16 @@ class Outcome:
     model: LoadedModel
     rows: BatchSlice
     total_ms: float
+    cached: list[bool]
 
     def predictions(self) -> list[dict]:
         labels = self.rows.labels
         out = []
-        for probs, idx in zip(self.rows.probabilities, self.rows.predicted_index, strict=True):
+        rows = zip(self.rows.probabilities, self.rows.predicted_index, self.cached, strict=True)
+        for probs, idx, cached in rows:
             out.append(
                 {
+                    "cached": cached,
                     "label": labels[int(idx)],
                     "confidence": round(float(probs[int(idx)]), 6),
                     "probabilities": {
@@ -52,6 +58,10 @@ class ClassificationService:
         self.settings = settings
         self.registry = ModelRegistry(settings.default_model)
         self.loader = ModelLoader(settings.models, self.build, self.registry)
+        backend = make_backend(settings)
+        self.cache = (
+            PredictionCache(backend, settings.cache_prefix, obs.observe_cache) if backend else None
+        )
         self.git_revision = _git_revision()
 
     def start(self) -> None:
@@ -93,8 +103,30 @@ class ClassificationService:
         self.validate_texts(texts)
         self.loader.require_ready()
         model = self.registry.resolve(model_version)
-        rows = await model.batcher.submit(texts, self.settings.infer_timeout_seconds)
-        return Outcome(model, rows, (time.perf_counter() - start) * 1000.0)
+        timeout = self.settings.infer_timeout_seconds
+        if self.cache is None:
+            rows = await model.batcher.submit(texts, timeout)
+            cached = [False] * len(texts)
+        else:
+            timing: dict[str, float] = {}
+
+            async def compute(missing: list[str]) -> list[dict]:
+                part = await model.batcher.submit(missing, timeout)
+                timing.update(part.timing_ms, batch_size=part.batch_size)
+                return [
+                    {"p": p.tolist(), "i": int(i)}
+                    for p, i in zip(part.probabilities, part.predicted_index, strict=True)
+                ]
+
+            entries, cached = await self.cache.predict(model.tag, texts, compute)
+            rows = BatchSlice(
+                probabilities=np.array([e["p"] for e in entries], dtype=np.float64),
+                predicted_index=np.array([e["i"] for e in entries], dtype=np.int64),
+                labels=model.runner.labels,
+                timing_ms=timing,
+                batch_size=int(timing.get("batch_size", 0)),
+            )
+        return Outcome(model, rows, (time.perf_counter() - start) * 1000.0, cached)
 
     def version_info(self) -> dict:
         import bentoml
@@ -113,6 +145,8 @@ class ClassificationService:
             "ready": self.loader.ready,
             "models": dict(self.loader.status),
             "errors": dict(self.loader.errors),
+            # A failing cache never makes the service unready: requests go on without it.
+            "cache": self.cache.backend.status() if self.cache else {"backend": "off"},
         }
 
     async def aclose(self) -> None:

@@ -126,7 +126,6 @@ async def predict(request: Request, core: ClassificationService, rid: str) -> Re
             "latency_ms": round(outcome.total_ms, 3),
             "model_version": outcome.model.tag,
             "request_id": rid,
-            "cached": False,
             "timing": outcome.timing(),
         }
     )

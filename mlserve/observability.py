@@ -48,6 +48,9 @@ class _Metrics:
             "mlserve_predictions", "Predicted labels by model version.", ["model_version", "label"]
         )
         self.errors = Counter("mlserve_errors", "Errors by type.", ["type"])
+        self.cache = Counter(
+            "mlserve_cache", "Prediction cache lookups by event: hit, miss, error.", ["event"]
+        )
         self.loaded = Gauge(
             "mlserve_model_loaded",
             "1 while a model version is loaded in a worker.",
@@ -89,6 +92,11 @@ def observe_predictions(tag: str, labels: list[str]) -> None:
     counter = metrics().predictions
     for label in labels:
         counter.labels(model_version=tag, label=label).inc()
+
+
+def observe_cache(event: str, n: int) -> None:
+    if n:
+        metrics().cache.labels(event=event).inc(n)
 
 
 def observe_error(kind: str) -> None:

@@ -32,6 +32,7 @@ class BatchPredictRequest(BaseModel):
 
 
 class Prediction(BaseModel):
+    cached: bool = Field(description="Whether the answer came from the prediction cache.")
     label: str
     confidence: float
     probabilities: dict[str, float]
@@ -43,7 +44,6 @@ class PredictResponse(Prediction):
     latency_ms: float
     model_version: str
     request_id: str
-    cached: bool = False
     timing: Timing
 
 

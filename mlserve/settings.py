@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     cache_enabled: bool = Field(True, description="Cache predictions at all.")
     cache_max_size: int = Field(10_000, ge=1, description="In-memory cache entries.")
     cache_ttl_seconds: int = Field(3600, ge=1, description="Cache entry time to live.")
+    cache_prefix: str = Field(
+        "mlserve",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Prefix of every cache key (share a Redis between deployments safely).",
+    )
 
     # --- training -----------------------------------------------------------------------------
     seed: int = Field(42, description="Seed for splits and models.")

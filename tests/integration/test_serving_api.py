@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -221,12 +222,25 @@ def test_predict_default_model(client: httpx.Client) -> None:
     body = response.json()
     assert body["model_version"] == "sentiment:v1"
     assert_prediction(body, SENTIMENT_LABELS)
-    assert body["cached"] is False
+    assert isinstance(body["cached"], bool)
     assert body["latency_ms"] > 0
     assert re.fullmatch(r"[0-9a-f]{32}", body["request_id"]), body
     assert response.headers["x-request-id"] == body["request_id"]
     assert_timing(body["timing"])
     assert body["timing"]["total_ms"] == pytest.approx(body["latency_ms"], abs=1e-3)
+
+
+def test_repeated_input_is_served_from_the_cache(client: httpx.Client) -> None:
+    text = f"A fresh review nobody sent before: it worked ({uuid.uuid4().hex})"
+    first = post_json(client, "/predict", {"text": text}).json()
+    again = post_json(client, "/predict", {"text": "  " + text.upper() + " "}).json()
+    assert first["cached"] is False and again["cached"] is True
+    assert again["probabilities"] == first["probabilities"]
+    assert again["label"] == first["label"]
+    other = post_json(client, "/predict", {"text": text, "model_version": "sentiment:v2"}).json()
+    assert other["cached"] is False  # keys carry the exact model version
+    batch = post_json(client, "/batch-predict", {"texts": [text, text + " (new)"]}).json()
+    assert [p["cached"] for p in batch["predictions"]] == [True, False]
 
 
 def test_predict_bare_name_uses_default_version(client: httpx.Client) -> None:
