@@ -13,6 +13,7 @@ import mlserve
 from mlserve import observability as obs
 from mlserve.batching import AdaptiveBatcher, BatchSlice
 from mlserve.cache import PredictionCache, make_backend
+from mlserve.drift import DriftMonitor
 from mlserve.errors import ValidationError
 from mlserve.registry import LoadedModel, ModelLoader, ModelRegistry
 from mlserve.settings import Settings
@@ -78,8 +79,14 @@ class ClassificationService:
             self.settings.max_latency_ms,
             on_batch=lambda n, queue_ms, timing: obs.observe_batch(tag, n, queue_ms, timing),
         )
+        drift = DriftMonitor.from_model_dir(
+            runner.model.path,
+            window=self.settings.drift_window,
+            threshold=self.settings.drift_threshold,
+            min_n=self.settings.drift_min_window,
+        )
         obs.MODEL_LOADED.labels(model_version=tag).set(1)
-        return LoadedModel(runner.model.name, runner.model.version, runner, batcher)
+        return LoadedModel(runner.model.name, runner.model.version, runner, batcher, drift)
 
     def validate_texts(self, texts: list[str]) -> None:
         limit = self.settings.max_batch_texts
@@ -126,7 +133,19 @@ class ClassificationService:
                 timing_ms=timing,
                 batch_size=int(timing.get("batch_size", 0)),
             )
+        if model.drift is not None:
+            idx = rows.predicted_index
+            model.drift.observe(texts, idx, rows.probabilities[np.arange(len(idx)), idx])
         return Outcome(model, rows, (time.perf_counter() - start) * 1000.0, cached)
+
+    def drift_report(self, name: str, version: str) -> dict:
+        """The drift report of a loaded model (this worker's window); also updates the metric."""
+        model = self.registry.get(name, version)
+        if model.drift is None:
+            return {"method": "psi", "available": False, "reason": "model has no drift reference"}
+        report = {"available": True, **model.drift.report()}
+        obs.observe_drift(model.tag, report["score"])
+        return report
 
     def version_info(self) -> dict:
         import bentoml

@@ -265,6 +265,12 @@ def _endpoint(route: str, handler: Handler, get_core: Callable[[], Classificatio
     return endpoint
 
 
+async def model_drift(request: Request, core: ClassificationService, rid: str) -> Response:
+    name, ver = request.path_params["name"], request.path_params["version"]
+    core.registry.resolve(f"{name}:{ver}")  # 422 for unsafe names, 404 for unknown ones
+    return JSONResponse(core.drift_report(name, ver))
+
+
 ROUTES: list[tuple[str, Handler, list[str]]] = [
     ("/predict", predict, ["POST"]),
     ("/batch-predict", batch_predict, ["POST"]),
@@ -274,6 +280,7 @@ ROUTES: list[tuple[str, Handler, list[str]]] = [
     ("/version", version, ["GET"]),
     ("/models", models, ["GET"]),
     ("/models/{name}/{version}", model_detail, ["GET"]),
+    ("/models/{name}/{version}/drift", model_drift, ["GET"]),
 ]
 
 

@@ -51,6 +51,12 @@ class _Metrics:
         self.cache = Counter(
             "mlserve_cache", "Prediction cache lookups by event: hit, miss, error.", ["event"]
         )
+        self.drift = Gauge(
+            "mlserve_drift_score",
+            "Largest feature PSI of recent traffic against the training reference.",
+            ["model_version"],
+            multiprocess_mode="max",
+        )
         self.loaded = Gauge(
             "mlserve_model_loaded",
             "1 while a model version is loaded in a worker.",
@@ -97,6 +103,10 @@ def observe_predictions(tag: str, labels: list[str]) -> None:
 def observe_cache(event: str, n: int) -> None:
     if n:
         metrics().cache.labels(event=event).inc(n)
+
+
+def observe_drift(tag: str, score: float) -> None:
+    metrics().drift.labels(model_version=tag).set(score)
 
 
 def observe_error(kind: str) -> None:

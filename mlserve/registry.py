@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlserve.batching import AdaptiveBatcher
+from mlserve.drift import DriftMonitor
 from mlserve.errors import ModelNotFoundError, ServiceUnavailableError, ValidationError
 from mlserve.settings import NAME_RE, TAG_RE
 from runners.base import Runner
@@ -23,6 +24,7 @@ class LoadedModel:
     version: str
     runner: Runner
     batcher: AdaptiveBatcher
+    drift: DriftMonitor | None = None
     loaded_at: float = field(default_factory=time.time)
 
     @property

@@ -111,6 +111,15 @@ class Settings(BaseSettings):
         description="Prefix of every cache key (share a Redis between deployments safely).",
     )
 
+    # --- drift --------------------------------------------------------------------------------
+    drift_window: int = Field(1000, ge=10, description="Recent inputs kept per model for drift.")
+    drift_min_window: int = Field(
+        100, ge=1, description="Inputs needed before drift can be flagged."
+    )
+    drift_threshold: float = Field(
+        0.2, gt=0, description="PSI above which a feature counts as drifted (0.2 = significant)."
+    )
+
     # --- training -----------------------------------------------------------------------------
     seed: int = Field(42, description="Seed for splits and models.")
     reports_dir: str = Field("reports", description="Where training writes plots and model cards.")

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import mlserve
 from mlserve.calibration import Calibrator, choose_decision_weights, choose_method
+from mlserve.drift import build_reference, write_reference
 from mlserve.errors import DataError
 from mlserve.preprocessing import CleaningConfig, clean_texts
 from mlserve.store import StoredModel, model_exists, save_model
@@ -342,8 +343,19 @@ def save_result(
         "mlserve_version": mlserve.__version__,
     }
 
+    train_idx, _, test_idx = _split(ds, cfg)
+    test_pred = result.calibrator.decide(result.test_probs)
+    reference = build_reference(
+        [ds.texts[i] for i in train_idx],
+        [ds.texts[i] for i in test_idx],
+        test_pred,
+        result.test_probs[np.arange(len(test_pred)), test_pred],
+        run.labels,
+    )
+
     def write(directory: Path) -> None:
         fit.write(directory)
+        write_reference(reference, directory)
         (directory / "calibration.json").write_text(json.dumps(result.calibrator.to_dict()))
         rep = directory / "report"
         rep.mkdir()
