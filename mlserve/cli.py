@@ -229,6 +229,54 @@ def serve_cmd(
     raise typer.Exit(subprocess.call(cmd, env=env))
 
 
+@app.command("benchmark")
+def benchmark_cmd(
+    model: Annotated[str, typer.Argument(help="A model name or name:version.")],
+    n: Annotated[int, typer.Argument(help="How many /predict requests.", min=1)],
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.", min=1)] = 8,
+    server: Annotated[
+        str | None, typer.Option(help="A running server's URL; omitted: in process.")
+    ] = None,
+    repeat_share: Annotated[
+        float, typer.Option(help="Share of requests that repeat an earlier text (cache).")
+    ] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Send N predictions and report requests/s, latency percentiles, errors and cache hits."""
+    import asyncio
+    import json
+
+    from rich.progress import Progress
+
+    from mlserve import benchmark
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    texts = benchmark.sample_texts(model, n, repeat_share)
+    with Progress(console=err, transient=True, disable=as_json) as progress:
+        task = progress.add_task(f"benchmark {model}", total=n)
+
+        def tick() -> None:
+            progress.advance(task)
+
+        try:
+            if server:
+                run = benchmark.against_server(server.rstrip("/"), model, texts, concurrency, tick)
+            else:
+                run = benchmark.in_process(model, texts, concurrency, tick)
+            result = asyncio.run(run).summary()
+        except (ValueError, MLServeError) as exc:
+            raise _fail(getattr(exc, "message", str(exc))) from None
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"mlserve benchmark: {model}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key.replace("_", " "), str(value))
+    console.print(table)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

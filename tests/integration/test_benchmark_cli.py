@@ -1,0 +1,67 @@
+"""`mlserve benchmark` in process and against a running server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.integration.conftest import MLSERVE
+
+pytestmark = pytest.mark.integration
+
+
+def bench(args: list[str], env: dict[str, str], cwd) -> dict:
+    proc = subprocess.run(
+        [MLSERVE, "benchmark", *args, "--json"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_in_process(model_env, tmp_path) -> None:
+    result = bench(
+        ["sentiment:v1", "120", "--concurrency", "8", "--repeat-share", "0.5"], model_env, tmp_path
+    )
+    assert result["target"] == "in-process"
+    assert result["requests"] == 120 and result["errors"] == 0
+    assert result["requests_per_s"] > 0
+    assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
+    assert result["cache_hit_rate"] >= 0.3  # about half the texts repeat an earlier one
+
+
+def test_against_a_server(default_server, model_env, tmp_path) -> None:
+    args = ["topic:v1", "60", "--concurrency", "4", "--server", default_server.url]
+    result = bench(args, model_env, tmp_path)
+    assert result["target"] == default_server.url
+    assert result["requests"] == 60 and result["errors"] == 0
+
+
+def test_table_output_and_unknown_model(model_env, tmp_path) -> None:
+    proc = subprocess.run(
+        [MLSERVE, "benchmark", "sentiment:v1", "20"],
+        env=model_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for figure in ("requests per s", "p50 ms", "p95 ms", "p99 ms", "errors", "cache hit rate"):
+        assert figure in proc.stdout
+    missing = subprocess.run(
+        [MLSERVE, "benchmark", "nosuchmodel", "5"],
+        env=model_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode != 0
+    assert "Traceback" not in missing.stderr and "nosuchmodel" in missing.stderr
