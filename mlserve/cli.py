@@ -277,6 +277,88 @@ def benchmark_cmd(
     console.print(table)
 
 
+@app.command("stats")
+def stats_cmd(
+    server: Annotated[str, typer.Option(help="The server's URL, e.g. http://127.0.0.1:3000.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+) -> None:
+    """Live statistics of a running server (needs MLSERVE_ADMIN_TOKEN in the environment)."""
+    import json
+
+    import httpx
+
+    token = os.environ.get("MLSERVE_ADMIN_TOKEN", "")
+    if not token:
+        raise _fail("set MLSERVE_ADMIN_TOKEN to the server's admin token")
+    try:
+        response = httpx.get(
+            server.rstrip("/") + "/admin/stats",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach {server}: {exc}") from None
+    if response.status_code != 200:
+        try:
+            message = response.json().get("message", response.text)
+        except ValueError:
+            message = response.text
+        raise _fail(f"{response.status_code}: {message}")
+    stats = response.json()
+    if as_json:
+        print(json.dumps(stats, indent=2))
+        return
+    cache = stats["cache"]
+    console.print(
+        f"[bold]{stats['requests']}[/] requests, error rate {stats['error_rate']:.2%}, "
+        f"cache hit rate {cache['hit_rate']:.2%} ({cache['hit']} hits, {cache['miss']} misses, "
+        f"{cache['error']} errors; {stats['cache_backend'].get('backend')})"
+    )
+    routes = Table(title="routes")
+    for col in ("route", "requests", "errors", "error rate", "p50 ms", "p95 ms", "p99 ms"):
+        routes.add_column(col)
+    for route, r in sorted(stats["routes"].items()):
+        lat = r.get("latency", {})
+        routes.add_row(
+            route,
+            str(r["requests"]),
+            str(r["errors"]),
+            f"{r.get('error_rate', 0):.2%}",
+            *(str(lat.get(k)) for k in ("p50_ms", "p95_ms", "p99_ms")),
+        )
+    console.print(routes)
+    models = Table(title=f"models (worker {stats['worker']['pid']})")
+    for col in (
+        "model",
+        "loaded",
+        "default",
+        "predictions",
+        "model p50 ms",
+        "model p95 ms",
+        "drift score",
+        "drifted",
+    ):
+        models.add_column(col)
+    defaults = stats["worker"]["defaults"]
+    tags = sorted(set(stats["models"]) | set(stats["worker"]["loaded"]))
+    for tag in tags:
+        m = stats["models"].get(tag, {})
+        lat = m.get("latency", {}).get("model", {})
+        drift = stats["drift"].get(tag, {})
+        name, _, version = tag.partition(":")
+        models.add_row(
+            tag,
+            "yes" if tag in stats["worker"]["loaded"] else "no",
+            "yes" if defaults.get(name) == version else "",
+            str(m.get("predictions", 0)),
+            str(lat.get("p50_ms")),
+            str(lat.get("p95_ms")),
+            str(drift.get("score", "n/a")),
+            str(drift.get("drifted", "n/a")),
+        )
+    console.print(models)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -147,6 +147,25 @@ class ClassificationService:
         obs.observe_drift(model.tag, report["score"])
         return report
 
+    def stats(self) -> dict:
+        """Figures for /admin/stats: metrics merged over all workers, plus this worker's models,
+        defaults and drift."""
+        import os
+
+        from mlserve.admin import collect_stats
+
+        models = self.registry.list()
+        return {
+            **collect_stats(),
+            "drift": {m.tag: self.drift_report(m.name, m.version) for m in models},
+            "cache_backend": self.cache.backend.status() if self.cache else {"backend": "off"},
+            "worker": {
+                "pid": os.getpid(),
+                "loaded": [m.tag for m in models],
+                "defaults": self.registry.defaults(),
+            },
+        }
+
     def version_info(self) -> dict:
         import bentoml
 

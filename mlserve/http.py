@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlserve import observability as obs
+from mlserve.admin import require_admin
 from mlserve.core import ClassificationService, Outcome
 from mlserve.errors import (
     BadRequestError,
@@ -271,6 +272,11 @@ async def model_drift(request: Request, core: ClassificationService, rid: str) -
     return JSONResponse(core.drift_report(name, ver))
 
 
+async def admin_stats(request: Request, core: ClassificationService, rid: str) -> Response:
+    require_admin(request.headers.get("authorization"), core.settings)
+    return JSONResponse(core.stats())
+
+
 ROUTES: list[tuple[str, Handler, list[str]]] = [
     ("/predict", predict, ["POST"]),
     ("/batch-predict", batch_predict, ["POST"]),
@@ -281,6 +287,7 @@ ROUTES: list[tuple[str, Handler, list[str]]] = [
     ("/models", models, ["GET"]),
     ("/models/{name}/{version}", model_detail, ["GET"]),
     ("/models/{name}/{version}/drift", model_drift, ["GET"]),
+    ("/admin/stats", admin_stats, ["GET"]),
 ]
 
 
