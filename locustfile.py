@@ -4,7 +4,10 @@
         -u 32 -r 8 -t 60s --csv benchmarks/results/locust
 
 Texts are real reviews and news articles from the training data sets (downloaded once into the
-mlserve data cache). The run fails (exit code 1) when more than 1 % of requests fail or the
+mlserve data cache). The mix: single predictions on the classical, transformer and topic models
+(mixed versions), a share of repeated texts (cache hits) and 20-text batches.
+
+The run fails (exit code 1) when more than 1 % of requests fail or the
 95th percentile exceeds MLSERVE_LOCUST_P95_MS (default 500 ms).
 """
 
@@ -49,6 +52,12 @@ class ClassifierUser(FastHttpUser):
     def predict_topic(self) -> None:
         body = {"text": random.choice(texts("news")), "model_version": "topic"}
         self._post("/predict", body, "/predict topic")
+
+    @task(2)
+    def repeated(self) -> None:
+        """A small pool of texts sent again and again: cache hits."""
+        body = {"text": random.choice(texts("reviews")[:20])}
+        self._post("/predict", body, "/predict repeated")
 
     @task(1)
     def batch(self) -> None:

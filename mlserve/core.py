@@ -133,9 +133,11 @@ class ClassificationService:
                 timing_ms=timing,
                 batch_size=int(timing.get("batch_size", 0)),
             )
+        idx = rows.predicted_index
+        confidence = rows.probabilities[np.arange(len(idx)), idx]
+        obs.observe_predictions(model.tag, [rows.labels[int(i)] for i in idx], confidence)
         if model.drift is not None:
-            idx = rows.predicted_index
-            model.drift.observe(texts, idx, rows.probabilities[np.arange(len(idx)), idx])
+            model.drift.observe(texts, idx, confidence)
         return Outcome(model, rows, (time.perf_counter() - start) * 1000.0, cached)
 
     def drift_report(self, name: str, version: str) -> dict:

@@ -118,7 +118,6 @@ async def predict(request: Request, core: ClassificationService, rid: str) -> Re
     body = _parse(PredictRequest, await _json_body(request, core.settings.max_body_bytes))
     outcome = await core.classify([body.text], body.model_version)
     pred = outcome.predictions()[0]
-    obs.observe_predictions(outcome.model.tag, [pred["label"]])
     _log_io(core, rid, [body.text], outcome)
     request.state.model_version = outcome.model.tag
     return JSONResponse(
@@ -135,7 +134,6 @@ async def predict(request: Request, core: ClassificationService, rid: str) -> Re
 async def batch_predict(request: Request, core: ClassificationService, rid: str) -> Response:
     body = _parse(BatchPredictRequest, await _json_body(request, core.settings.max_body_bytes))
     outcome = await core.classify(body.texts, body.model_version)
-    obs.observe_predictions(outcome.model.tag, [p["label"] for p in outcome.predictions()])
     _log_io(core, rid, body.texts, outcome)
     request.state.model_version = outcome.model.tag
     return JSONResponse(_batch_body(outcome, rid))
@@ -189,7 +187,6 @@ async def batch_predict_file(request: Request, core: ClassificationService, rid:
     texts = _texts_from_upload(upload.filename or "", await upload.read())
     version = form.get("model_version") or request.query_params.get("model_version")
     outcome = await core.classify(texts, version if isinstance(version, str) else None)
-    obs.observe_predictions(outcome.model.tag, [p["label"] for p in outcome.predictions()])
     request.state.model_version = outcome.model.tag
     return JSONResponse(_batch_body(outcome, rid))
 

@@ -17,6 +17,7 @@ from typing import Any
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
 class _Metrics:
@@ -46,6 +47,12 @@ class _Metrics:
         )
         self.predictions = Counter(
             "mlserve_predictions", "Predicted labels by model version.", ["model_version", "label"]
+        )
+        self.confidence = Histogram(
+            "mlserve_prediction_confidence",
+            "Confidence (probability of the predicted label) by model version.",
+            ["model_version"],
+            buckets=CONFIDENCE_BUCKETS,
         )
         self.errors = Counter("mlserve_errors", "Errors by type.", ["type"])
         self.cache = Counter(
@@ -94,10 +101,11 @@ def observe_request(route: str, status: int, seconds: float) -> None:
     m.request_latency.labels(route=route).observe(seconds)
 
 
-def observe_predictions(tag: str, labels: list[str]) -> None:
-    counter = metrics().predictions
-    for label in labels:
-        counter.labels(model_version=tag, label=label).inc()
+def observe_predictions(tag: str, labels: list[str], confidence: Any) -> None:
+    m = metrics()
+    for label, conf in zip(labels, confidence, strict=True):
+        m.predictions.labels(model_version=tag, label=label).inc()
+        m.confidence.labels(model_version=tag).observe(float(conf))
 
 
 def observe_cache(event: str, n: int) -> None:

@@ -49,6 +49,10 @@ def test_counters_add_up_across_two_workers(start_server) -> None:
     assert counter(metrics, "mlserve_predictions_total", model_version="sentiment:v1") == n_ok
     assert counter(metrics, "mlserve_errors_total", type="validation_error") == n_bad
     assert counter(metrics, "mlserve_batch_size_sum", model_version="sentiment:v1") == n_ok
+    confidence = counter(
+        metrics, "mlserve_prediction_confidence_count", model_version="sentiment:v1"
+    )
+    assert confidence == n_ok
     latency_count = counter(metrics, "mlserve_request_latency_seconds_count", route="/predict")
     assert latency_count == n_ok + n_bad
     assert counter(metrics, "mlserve_model_loaded", model_version="sentiment:v1") >= 1
