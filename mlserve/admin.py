@@ -44,6 +44,23 @@ def require_admin(authorization: str | None, settings: Any) -> str:
 PREDICT_ROUTES = ("/predict", "/batch-predict", "/batch-predict/file")
 
 
+def require_api_key(headers: Any, settings: Any) -> None:
+    """When MLSERVE_API_KEYS is set, predict routes need one of them (``X-API-Key`` or a bearer
+    token). The admin token is not one of them, and no API key opens an admin route."""
+    if not settings.api_keys:
+        return
+    given = headers.get("x-api-key", "")
+    if not given:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        given = token if scheme.lower() == "bearer" else ""
+    # Compare with every key, always, so timing does not tell which key came close.
+    matched = False
+    for key in settings.api_keys:
+        matched |= hmac.compare_digest(given.encode(), key.encode())
+    if not given or not matched:
+        raise UnauthorizedError("send a valid API key in X-API-Key (or Authorization: Bearer)")
+
+
 def _samples() -> list[Any]:
     """Every metric sample, merged across worker processes when BentoML runs several."""
     from prometheus_client import REGISTRY, CollectorRegistry

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlserve import observability as obs
-from mlserve.admin import require_admin
+from mlserve.admin import require_admin, require_api_key
 from mlserve.core import ClassificationService, Outcome
 from mlserve.errors import (
     BadRequestError,
@@ -115,6 +115,7 @@ def _batch_body(outcome: Outcome, rid: str) -> dict:
 
 
 async def predict(request: Request, core: ClassificationService, rid: str) -> Response:
+    require_api_key(request.headers, core.settings)
     body = _parse(PredictRequest, await _json_body(request, core.settings.max_body_bytes))
     outcome = await core.classify([body.text], body.model_version)
     pred = outcome.predictions()[0]
@@ -132,6 +133,7 @@ async def predict(request: Request, core: ClassificationService, rid: str) -> Re
 
 
 async def batch_predict(request: Request, core: ClassificationService, rid: str) -> Response:
+    require_api_key(request.headers, core.settings)
     body = _parse(BatchPredictRequest, await _json_body(request, core.settings.max_body_bytes))
     outcome = await core.classify(body.texts, body.model_version)
     _log_io(core, rid, body.texts, outcome)
@@ -175,6 +177,7 @@ def _texts_from_upload(name: str, raw: bytes) -> list[str]:
 
 
 async def batch_predict_file(request: Request, core: ClassificationService, rid: str) -> Response:
+    require_api_key(request.headers, core.settings)
     _require_type(request, "multipart/form-data")
     await _read_body(request, core.settings.max_upload_bytes)
     try:

@@ -137,6 +137,19 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a name:version store tag: {tag!r}")
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _strong_keys(cls, value: list[str]) -> list[str]:
+        if any(len(k) < 16 for k in value):
+            raise ValueError("every MLSERVE_API_KEYS entry must be at least 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_apart_from_admin(self) -> Settings:
+        if self.admin_token and self.admin_token in self.api_keys:
+            raise ValueError("the admin token must not also be a predict API key")
+        return self
+
     @field_validator("admin_token")
     @classmethod
     def _strong_token(cls, value: str | None) -> str | None:

@@ -94,3 +94,30 @@ def test_stats_count_requests_errors_cache_and_drift(admin_server, tmp_path) -> 
         text=True,
     )
     assert wrong.returncode != 0 and "401" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_api_keys_guard_predict_routes_and_never_open_admin_routes(start_server) -> None:
+    key = "predict-key-0123456789"
+    server = start_server(
+        ready=True, MLSERVE_MODELS="sentiment:v1", MLSERVE_API_KEYS=key, MLSERVE_ADMIN_TOKEN=TOKEN
+    )
+    body = {"text": "it helped a lot"}
+    try:
+        with server.client() as client:
+            assert client.post("/predict", json=body).status_code == 401
+            wrong = client.post("/predict", json=body, headers={"X-API-Key": "x" * 22})
+            assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
+            assert client.post("/predict", json=body, headers={"X-API-Key": key}).status_code == 200
+            bearer = {"Authorization": f"Bearer {key}"}
+            assert client.post("/predict", json=body, headers=bearer).status_code == 200
+            batch = client.post("/batch-predict", json={"texts": ["a b"]}, headers=bearer)
+            assert batch.status_code == 200
+            no_key = client.post("/batch-predict/file", files={"file": ("t.csv", b"text\nok\n")})
+            assert no_key.status_code == 401
+            # The admin token is not a predict key, and a predict key opens no admin route.
+            admin_as_key = {"Authorization": f"Bearer {TOKEN}"}
+            assert client.post("/predict", json=body, headers=admin_as_key).status_code == 401
+            assert client.get("/admin/stats", headers=bearer).status_code == 401
+            assert client.get("/health").status_code == 200  # probes stay open
+    finally:
+        server.stop()

@@ -38,10 +38,20 @@ def test_single_model_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_other_csv_fields_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLSERVE_CORS_ORIGINS", "https://a.example, https://b.example")
-    monkeypatch.setenv("MLSERVE_API_KEYS", "key-one,key-two")
+    monkeypatch.setenv("MLSERVE_API_KEYS", "key-one-0123456789, key-two-0123456789")
     s = Settings(_env_file=None)
     assert s.cors_origins == ["https://a.example", "https://b.example"]
-    assert s.api_keys == ["key-one", "key-two"]
+    assert s.api_keys == ["key-one-0123456789", "key-two-0123456789"]
+
+
+def test_short_api_keys_and_an_admin_token_reused_as_a_key_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ValueError, match="at least 16"):
+        Settings(_env_file=None, api_keys=["short"])
+    token = "admin-token-0123456789"
+    with pytest.raises(ValueError, match="must not also be"):
+        Settings(_env_file=None, api_keys=[token], admin_token=token)
 
 
 def test_models_list_passed_directly() -> None:
