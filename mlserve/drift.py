@@ -91,9 +91,7 @@ class DriftMonitor:
         self.ref = reference
         self.vocab = set(reference["vocabulary"])
         self.threshold, self.min_n = threshold, min_n
-        self._rows: collections.deque[tuple[int, float, int, float]] = collections.deque(
-            maxlen=window
-        )
+        self._rows: collections.deque[tuple[str, int, float]] = collections.deque(maxlen=window)
         self._lock = threading.Lock()
 
     @classmethod
@@ -104,10 +102,12 @@ class DriftMonitor:
         return cls(json.loads(path.read_text(encoding="utf-8")), **kwargs)
 
     def observe(self, texts: list[str], pred: np.ndarray, conf: np.ndarray) -> None:
-        rows = [
-            (len(t), _oov_rate(words(t), self.vocab), int(p), float(c))
-            for t, p, c in zip(texts, pred, conf, strict=True)
-        ]
+        """O(1) per text on the request path; features are computed when a report is read.
+
+        The window holds recent texts in memory only (like the batcher's queue); they are never
+        logged or written anywhere.
+        """
+        rows = zip(texts, pred.tolist(), conf.tolist(), strict=True)
         with self._lock:
             self._rows.extend(rows)
 
@@ -117,7 +117,9 @@ class DriftMonitor:
         n, k = len(rows), len(self.ref["labels"])
         features: dict[str, float] = {}
         if n:
-            lengths, oov, pred, conf = zip(*rows, strict=True)
+            texts, pred, conf = zip(*rows, strict=True)
+            lengths = [len(t) for t in texts]
+            oov = [_oov_rate(words(t), self.vocab) for t in texts]
             label_live = (np.bincount(pred, minlength=k) / n).tolist()
             features = {
                 "length": psi(

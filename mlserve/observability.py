@@ -7,6 +7,7 @@ across worker processes on ``/metrics``.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -103,9 +104,11 @@ def observe_request(route: str, status: int, seconds: float) -> None:
 
 def observe_predictions(tag: str, labels: list[str], confidence: Any) -> None:
     m = metrics()
-    for label, conf in zip(labels, confidence, strict=True):
-        m.predictions.labels(model_version=tag, label=label).inc()
-        m.confidence.labels(model_version=tag).observe(float(conf))
+    for label, count in collections.Counter(labels).items():
+        m.predictions.labels(model_version=tag, label=label).inc(count)
+    histogram = m.confidence.labels(model_version=tag)
+    for conf in confidence.tolist():
+        histogram.observe(conf)
 
 
 def observe_cache(event: str, n: int) -> None:
