@@ -12,15 +12,14 @@ from tests.integration.conftest import MLSERVE
 pytestmark = pytest.mark.integration
 
 
-def bench(args: list[str], env: dict[str, str], cwd) -> dict:
-    proc = subprocess.run(
-        [MLSERVE, "benchmark", *args, "--json"],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
+def run_benchmark(args: list[str], env: dict[str, str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [MLSERVE, "benchmark", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
     )
+
+
+def bench(args: list[str], env: dict[str, str], cwd) -> dict:
+    proc = run_benchmark([*args, "--json"], env, cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -44,24 +43,10 @@ def test_against_a_server(default_server, model_env, tmp_path) -> None:
 
 
 def test_table_output_and_unknown_model(model_env, tmp_path) -> None:
-    proc = subprocess.run(
-        [MLSERVE, "benchmark", "sentiment:v1", "20"],
-        env=model_env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_benchmark(["sentiment:v1", "20"], model_env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for figure in ("requests per s", "p50 ms", "p95 ms", "p99 ms", "errors", "cache hit rate"):
         assert figure in proc.stdout
-    missing = subprocess.run(
-        [MLSERVE, "benchmark", "nosuchmodel", "5"],
-        env=model_env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    missing = run_benchmark(["nosuchmodel", "5"], model_env, tmp_path)
     assert missing.returncode != 0
     assert "Traceback" not in missing.stderr and "nosuchmodel" in missing.stderr
