@@ -114,16 +114,23 @@ def _batch_body(outcome: Outcome, rid: str) -> dict:
     }
 
 
+async def _classify(
+    request: Request, core: ClassificationService, rid: str, texts: list[str], version: str | None
+) -> Outcome:
+    """Run one request's texts, log inputs/outputs when enabled, and tag the access log."""
+    outcome = await core.classify(texts, version)
+    _log_io(core, rid, texts, outcome)
+    request.state.model_version = outcome.model.tag
+    return outcome
+
+
 async def predict(request: Request, core: ClassificationService, rid: str) -> Response:
     require_api_key(request.headers, core.settings)
     body = _parse(PredictRequest, await _json_body(request, core.settings.max_body_bytes))
-    outcome = await core.classify([body.text], body.model_version)
-    pred = outcome.predictions()[0]
-    _log_io(core, rid, [body.text], outcome)
-    request.state.model_version = outcome.model.tag
+    outcome = await _classify(request, core, rid, [body.text], body.model_version)
     return JSONResponse(
         {
-            **pred,
+            **outcome.predictions()[0],
             "latency_ms": round(outcome.total_ms, 3),
             "model_version": outcome.model.tag,
             "request_id": rid,
@@ -135,9 +142,7 @@ async def predict(request: Request, core: ClassificationService, rid: str) -> Re
 async def batch_predict(request: Request, core: ClassificationService, rid: str) -> Response:
     require_api_key(request.headers, core.settings)
     body = _parse(BatchPredictRequest, await _json_body(request, core.settings.max_body_bytes))
-    outcome = await core.classify(body.texts, body.model_version)
-    _log_io(core, rid, body.texts, outcome)
-    request.state.model_version = outcome.model.tag
+    outcome = await _classify(request, core, rid, body.texts, body.model_version)
     return JSONResponse(_batch_body(outcome, rid))
 
 
@@ -189,8 +194,8 @@ async def batch_predict_file(request: Request, core: ClassificationService, rid:
         raise ValidationError("send the file in a multipart field named 'file'")
     texts = _texts_from_upload(upload.filename or "", await upload.read())
     version = form.get("model_version") or request.query_params.get("model_version")
-    outcome = await core.classify(texts, version if isinstance(version, str) else None)
-    request.state.model_version = outcome.model.tag
+    version = version if isinstance(version, str) else None
+    outcome = await _classify(request, core, rid, texts, version)
     return JSONResponse(_batch_body(outcome, rid))
 
 

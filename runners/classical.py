@@ -191,10 +191,6 @@ class ClassicalRunner(Runner):
         self.calibrator = Calibrator.from_dict(cal)
         self.loaded = True
 
-    def raw_proba(self, texts: list[str]) -> np.ndarray:
-        """Uncalibrated probabilities (used in training to fit the calibrator)."""
-        return self.proba(self.vectorizer.transform(clean_texts(texts, self.cleaning)))
-
     def predict(self, texts: list[str]) -> BatchResult:
         watch = Stopwatch()
         features = self.vectorizer.transform(clean_texts(texts, self.cleaning))

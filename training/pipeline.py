@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata as md
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from mlserve.calibration import Calibrator, choose_decision_weights, choose_meth
 from mlserve.drift import build_reference, write_reference
 from mlserve.errors import DataError
 from mlserve.preprocessing import CleaningConfig, clean_texts
-from mlserve.store import StoredModel, model_exists, save_model
+from mlserve.store import StoredModel, save_model
 from training import report
 from training.candidates import CLASSICAL, TRANSFORMER, Fitted, fit_classical, fit_minilm
 from training.data import Dataset
@@ -408,11 +407,3 @@ def verify_reload(stored: StoredModel, run: TrainingRun, result: Result) -> floa
     if diff > 1e-3:
         raise RuntimeError(f"{stored.tag}: served probabilities differ from training by {diff:.2e}")
     return diff
-
-
-def default_jobs() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-def skip_existing(tags: list[str]) -> list[str]:
-    return [t for t in tags if not model_exists(t)]
