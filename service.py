@@ -48,6 +48,12 @@ class MLServe:
         _core = self.core = ClassificationService(get_settings())
         self.core.start()  # models load in the background; /health answers meanwhile
 
+    @bentoml.on_startup
+    async def follow_model_control(self) -> None:
+        # Runs in the worker's event loop: run-time load/unload/default changes from any
+        # worker (see mlserve.control) are applied here too.
+        await self.core.start_control()
+
     def __is_ready__(self) -> bool:
         return self.core.loader.ready
 

@@ -7,12 +7,15 @@ Statistics come from the Prometheus metrics, which are aggregated across all wor
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
+import json
 import os
+from pathlib import Path
 from typing import Any
 
-from mlserve.errors import MLServeError
+from mlserve.errors import MLServeError, ServiceUnavailableError
 
 
 class UnauthorizedError(MLServeError):
@@ -38,6 +41,37 @@ def require_admin(authorization: str | None, settings: Any) -> str:
     if not hmac.compare_digest(given.encode(), settings.admin_token.encode()):
         raise UnauthorizedError("the admin token is not valid")
     return token_id(given)
+
+
+class AuditLog:
+    """Append-only JSON lines: one per admin action, with who (a token id), what, when and the
+    result. Each line is one ``write`` on an ``O_APPEND`` descriptor under an exclusive lock,
+    so the lines of several workers never interleave."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def _open(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def check(self) -> None:
+        """Refuse (503) to make a change that could not be recorded."""
+        try:
+            os.close(self._open())
+        except OSError as exc:
+            raise ServiceUnavailableError(
+                "the admin audit log cannot be written; no change was made"
+            ) from exc
+
+    def write(self, entry: dict[str, Any]) -> None:
+        line = (json.dumps(entry, sort_keys=True, default=str) + "\n").encode()
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
 
 # The overall request count and error rate cover predictions, not probes such as /ready.

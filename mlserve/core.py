@@ -13,8 +13,9 @@ import mlserve
 from mlserve import observability as obs
 from mlserve.batching import AdaptiveBatcher, BatchSlice
 from mlserve.cache import PredictionCache, make_backend
+from mlserve.control import Controller, make_store
 from mlserve.drift import DriftMonitor
-from mlserve.errors import ValidationError
+from mlserve.errors import MLServeError, ModelLoadError, ValidationError
 from mlserve.registry import LoadedModel, ModelLoader, ModelRegistry
 from mlserve.settings import Settings
 from runners import load_runner
@@ -58,7 +59,13 @@ class ClassificationService:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.registry = ModelRegistry(settings.default_model)
-        self.loader = ModelLoader(settings.models, self.build, self.registry)
+        self.control = Controller(self, make_store(settings))
+        # A worker that starts after run-time changes (a restart, a new replica) loads the
+        # shared desired state rather than the configured models.
+        desired = self.control.initial_state()
+        self.loader = ModelLoader(
+            desired["models"] if desired else settings.models, self.build, self.registry
+        )
         backend = make_backend(settings)
         self.cache = (
             PredictionCache(backend, settings.cache_prefix, obs.observe_cache) if backend else None
@@ -70,9 +77,24 @@ class ClassificationService:
         obs.configure_threads(self.settings)
         self.loader.start()
 
+    async def start_control(self) -> None:
+        """Start following the shared desired state (inside the server's event loop)."""
+        self.control.start()
+
     def build(self, tag: str) -> LoadedModel:
-        """Load, verify and warm up ``tag``, with a batcher of its own."""
-        runner = load_runner(tag, warmup=True)
+        """Load, verify and warm up ``tag``, with a batcher of its own.
+
+        Typed store errors pass through (404 not in the store, 422 checksum mismatch); any
+        other failure to read the files becomes :class:`ModelLoadError`.
+        """
+        try:
+            runner = load_runner(tag, warmup=True)
+        except MLServeError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{tag} could not be loaded ({type(exc).__name__}); its files may be corrupt"
+            ) from exc
         batcher = AdaptiveBatcher(
             runner.predict,
             self.settings.max_batch_size,
@@ -109,7 +131,32 @@ class ClassificationService:
         start = time.perf_counter()
         self.validate_texts(texts)
         self.loader.require_ready()
-        model = self.registry.resolve(model_version)
+        model = self.registry.acquire(model_version)
+        try:
+            return await self._run(model, texts, start)
+        finally:
+            self.registry.release(model)
+
+    def serve(self, model: LoadedModel) -> None:
+        """Put a built model into the registry (not as default unless its name is new)."""
+        self.registry.add(model)
+        self.loader.status[model.tag] = "ready"
+
+    async def unload(self, tag: str) -> None:
+        """Take ``tag`` out of service, let the requests that hold it finish, then free it."""
+        import asyncio
+
+        name, version = tag.split(":", 1)
+        model = self.registry.remove(name, version)
+        deadline = time.monotonic() + self.settings.infer_timeout_seconds + 1.0
+        while model.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        await model.batcher.aclose()
+        model.runner.close()
+        obs.MODEL_LOADED.labels(model_version=tag).set(0)
+        self.loader.status.pop(tag, None)
+
+    async def _run(self, model: LoadedModel, texts: list[str], start: float) -> Outcome:
         timeout = self.settings.infer_timeout_seconds
         if self.cache is None:
             rows = await model.batcher.submit(texts, timeout)
@@ -166,6 +213,7 @@ class ClassificationService:
                 "loaded": [m.tag for m in models],
                 "defaults": self.registry.defaults(),
             },
+            "control": self.control.status(),
         }
 
     def version_info(self) -> dict:
@@ -185,11 +233,17 @@ class ClassificationService:
             "ready": self.loader.ready,
             "models": dict(self.loader.status),
             "errors": dict(self.loader.errors),
+            "control": {
+                "generation": self.control.applied,
+                "errors": self.control.errors,
+                "store_error": self.control.last_error,
+            },
             # A failing cache never makes the service unready: requests go on without it.
             "cache": self.cache.backend.status() if self.cache else {"backend": "off"},
         }
 
     async def aclose(self) -> None:
+        await self.control.aclose()
         for model in self.registry.list():
             await model.batcher.aclose()
             model.runner.close()

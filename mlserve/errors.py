@@ -69,3 +69,16 @@ class ModelIntegrityError(MLServeError):
     """A stored model's files do not match their recorded sha256, or use an unsafe format."""
 
     status, code = 422, "model_integrity"
+
+
+class ModelStateError(MLServeError):
+    """A model-management request that the current state refuses (unloading a default, the
+    last loaded version, or loading past MLSERVE_MAX_LOADED_MODELS)."""
+
+    status, code = 409, "model_state_conflict"
+
+
+class ModelLoadError(MLServeError):
+    """A stored model that exists but could not be loaded (corrupt or unreadable files)."""
+
+    status, code = 422, "model_load_failed"

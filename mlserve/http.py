@@ -7,7 +7,9 @@ path or input text ever reaches a response or the request log.
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import datetime
 import io
 import json
 import re
@@ -22,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlserve import observability as obs
-from mlserve.admin import require_admin, require_api_key
+from mlserve.admin import AuditLog, require_admin, require_api_key
 from mlserve.core import ClassificationService, Outcome
 from mlserve.errors import (
     BadRequestError,
@@ -31,7 +33,13 @@ from mlserve.errors import (
     UnsupportedMediaTypeError,
     ValidationError,
 )
-from mlserve.schemas import BatchPredictRequest, PredictRequest
+from mlserve.schemas import (
+    BatchPredictRequest,
+    LoadModelRequest,
+    PredictRequest,
+    SetDefaultRequest,
+    UnloadModelRequest,
+)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 Handler = Callable[[Request, ClassificationService, str], Awaitable[Response]]
@@ -278,8 +286,92 @@ async def model_drift(request: Request, core: ClassificationService, rid: str) -
 
 
 async def admin_stats(request: Request, core: ClassificationService, rid: str) -> Response:
-    require_admin(request.headers.get("authorization"), core.settings)
+    try:
+        require_admin(request.headers.get("authorization"), core.settings)
+    except MLServeError as exc:
+        _audit(request, core, rid, "stats", None, {}, exc)
+        raise
     return JSONResponse(core.stats())
+
+
+def _audit(
+    request: Request,
+    core: ClassificationService,
+    rid: str,
+    action: str,
+    actor: str | None,
+    target: dict,
+    error: MLServeError | None,
+    result: dict | None = None,
+) -> None:
+    entry = {
+        "ts": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+        "actor": actor,
+        "action": action,
+        "target": target,
+        "request_id": rid,
+        "client": request.client.host if request.client else None,
+        "worker": core.control.worker_id,
+    }
+    if error is None:
+        entry.update(
+            result="ok" if result and result["complete"] else "partial",
+            status=200 if result and result["complete"] else 202,
+            generation=result and result["generation"],
+            lagging=result and result["lagging"],
+        )
+    else:
+        denied = error.status in (401, 403)
+        entry.update(
+            result="denied" if denied else "error",
+            status=error.status,
+            error=error.code,
+            message=error.message,
+        )
+    try:
+        AuditLog(core.settings.audit_log).write(entry)
+    except OSError:
+        obs.json_logger("mlserve.access").error(
+            "audit log write failed", extra={"fields": {"request_id": rid}}
+        )
+
+
+def _admin_change(action: str, schema: type[pydantic.BaseModel], run: Callable) -> Handler:
+    """An authenticated, audited change to the loaded models (``run(core, body)``)."""
+
+    async def handler(request: Request, core: ClassificationService, rid: str) -> Response:
+        actor, target = None, {}
+        try:
+            actor = require_admin(request.headers.get("authorization"), core.settings)
+            raw = await _json_body(request, core.settings.max_body_bytes)
+            if isinstance(raw, dict):
+                target = {k: v for k, v in raw.items() if isinstance(v, str | bool)}
+            body = _parse(schema, raw)
+            AuditLog(core.settings.audit_log).check()  # no change that could not be recorded
+            result = await run(core, body)
+        except MLServeError as exc:
+            _audit(request, core, rid, action, actor, target, exc)
+            raise
+        _audit(request, core, rid, action, actor, target, None, result)
+        return JSONResponse(result, status_code=200 if result["complete"] else 202)
+
+    return handler
+
+
+admin_load = _admin_change(
+    "load", LoadModelRequest, lambda core, b: core.control.load(b.tag, b.make_default)
+)
+admin_default = _admin_change(
+    "default", SetDefaultRequest, lambda core, b: core.control.set_default(b.name, b.version)
+)
+admin_unload = _admin_change(
+    "unload", UnloadModelRequest, lambda core, b: core.control.unload(b.tag)
+)
+
+
+async def admin_models(request: Request, core: ClassificationService, rid: str) -> Response:
+    require_admin(request.headers.get("authorization"), core.settings)
+    return JSONResponse(await asyncio.to_thread(core.control.status))
 
 
 ROUTES: list[tuple[str, Handler, list[str]]] = [
@@ -293,6 +385,10 @@ ROUTES: list[tuple[str, Handler, list[str]]] = [
     ("/models/{name}/{version}", model_detail, ["GET"]),
     ("/models/{name}/{version}/drift", model_drift, ["GET"]),
     ("/admin/stats", admin_stats, ["GET"]),
+    ("/admin/models", admin_models, ["GET"]),
+    ("/admin/models/load", admin_load, ["POST"]),
+    ("/admin/models/default", admin_default, ["POST"]),
+    ("/admin/models/unload", admin_unload, ["POST"]),
 ]
 
 

@@ -11,7 +11,12 @@ from typing import Any
 
 from mlserve.batching import AdaptiveBatcher
 from mlserve.drift import DriftMonitor
-from mlserve.errors import ModelNotFoundError, ServiceUnavailableError, ValidationError
+from mlserve.errors import (
+    ModelNotFoundError,
+    ModelStateError,
+    ServiceUnavailableError,
+    ValidationError,
+)
 from mlserve.settings import NAME_RE, TAG_RE
 from runners.base import Runner
 
@@ -26,6 +31,8 @@ class LoadedModel:
     batcher: AdaptiveBatcher
     drift: DriftMonitor | None = None
     loaded_at: float = field(default_factory=time.time)
+    active: int = 0
+    """Requests that resolved this model and have not finished; guarded by the registry lock."""
 
     @property
     def tag(self) -> str:
@@ -71,7 +78,47 @@ class ModelRegistry:
             if make_default or model.name not in self._defaults:
                 self._defaults[model.name] = model.version
 
-    def resolve(self, model_version: str | None) -> LoadedModel:
+    def set_default(self, name: str, version: str) -> None:
+        """Make a loaded version its name's default."""
+        with self._lock:
+            if (name, version) not in self._models:
+                raise ModelNotFoundError(f"model {name}:{version} is not loaded")
+            self._defaults[name] = version
+
+    def remove(self, name: str, version: str) -> LoadedModel:
+        """Take a version out of service: no request can resolve it afterwards.
+
+        The default version of a name cannot be removed while another version remains;
+        removing the last version of a name drops the name.
+        """
+        with self._lock:
+            found = self._models.get((name, version))
+            if found is None:
+                raise ModelNotFoundError(f"model {name}:{version} is not loaded")
+            others = [v for (n, v) in self._models if n == name and v != version]
+            if self._defaults.get(name) == version and others:
+                raise ModelStateError(
+                    f"{name}:{version} is the default of {name!r}; make another version the "
+                    "default first"
+                )
+            del self._models[(name, version)]
+            if not others:
+                self._defaults.pop(name, None)
+            return found
+
+    def acquire(self, model_version: str | None) -> LoadedModel:
+        """Resolve ``model_version`` and count the caller as one of the model's active requests.
+
+        Pair with :meth:`release`. An unload waits for the count to reach zero before it closes
+        the model, so a request that resolved a model is always served by it.
+        """
+        return self.resolve(model_version, _count=True)
+
+    def release(self, model: LoadedModel) -> None:
+        with self._lock:
+            model.active -= 1
+
+    def resolve(self, model_version: str | None, _count: bool = False) -> LoadedModel:
         """The loaded model a request asks for, or a typed error."""
         ref = model_version if model_version not in (None, "") else self.service_default
         if not isinstance(ref, str) or not (TAG_RE.match(ref) or NAME_RE.match(ref)):
@@ -86,6 +133,8 @@ class ModelRegistry:
                 if not version:
                     raise ModelNotFoundError(f"no version of model {name!r} is loaded")
             found = self._models.get((name, version))
+            if found is not None and _count:
+                found.active += 1
         if found is None:
             raise ModelNotFoundError(f"model {name}:{version} is not loaded")
         return found
@@ -100,6 +149,10 @@ class ModelRegistry:
     def list(self) -> list[LoadedModel]:
         with self._lock:
             return sorted(self._models.values(), key=lambda m: (m.name, m.version))
+
+    def tags(self) -> list[str]:
+        with self._lock:
+            return sorted(f"{n}:{v}" for n, v in self._models)
 
     def defaults(self) -> dict[str, str]:
         with self._lock:
@@ -120,6 +173,7 @@ class ModelLoader:
         self._registry = registry
         self.status: dict[str, str] = dict.fromkeys(self.tags, "pending")
         self.errors: dict[str, str] = {}
+        self.done = False  # the start-up loads have all finished (well or not)
         self._thread = threading.Thread(target=self._run, name="mlserve-loader", daemon=True)
 
     def start(self) -> None:
@@ -141,6 +195,7 @@ class ModelLoader:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
+        self.done = True
 
     @property
     def ready(self) -> bool:

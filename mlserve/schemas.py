@@ -62,3 +62,29 @@ class ErrorBody(BaseModel):
     message: str = Field(description="What was wrong, for a person.")
     details: dict | None = None
     request_id: str | None = None
+
+
+class LoadModelRequest(BaseModel):
+    """``POST /admin/models/load``: a store tag only, never a path, URL or file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tag: StrictStr = Field(description="name:version of a model in the server's store.")
+    make_default: bool = Field(False, description="Also make it its name's default version.")
+
+
+class SetDefaultRequest(BaseModel):
+    """``POST /admin/models/default``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr
+    version: StrictStr
+
+
+class UnloadModelRequest(BaseModel):
+    """``POST /admin/models/unload``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tag: StrictStr

@@ -95,6 +95,27 @@ class Settings(BaseSettings):
         None, description="Bearer token for /admin routes. Unset = admin routes are off (403)."
     )
     admin_enabled: bool = Field(True, description="Serve the /admin routes at all.")
+    audit_log: str = Field(
+        "logs/audit.jsonl",
+        description="Append-only JSON-lines log of every admin action (who, what, when, result).",
+    )
+    control_backend: Literal["auto", "redis", "file"] = Field(
+        "auto",
+        description="Where workers share the desired model state: redis (across hosts; needs "
+        "MLSERVE_REDIS_URL), file (one host) or auto (redis when a Redis URL is set).",
+    )
+    control_dir: str = Field(
+        "",
+        description="Directory of the file control store; empty = a temporary directory "
+        "private to each server run.",
+    )
+    control_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="How long an admin change waits for every worker to apply it before it "
+        "answers 202 with the lagging workers.",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Optional API keys for predict routes (comma-separated). Empty = open.",

@@ -277,7 +277,8 @@ def start_server(
     model_home: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., Server]]:
     """Factory: ``start_server(MLSERVE_MODELS="sentiment:v1", ...)`` -> a healthy :class:`Server`
-    (``ready=True`` also waits for ``GET /ready`` to answer 200).
+    (``ready=True`` also waits for ``GET /ready`` to answer 200; ``models_dir`` replaces the
+    shared store's ``models`` folder, for tests that add models to it).
 
     The server runs from an empty temporary folder and reads its models from ``model_home``; its
     output goes to a file (``server.log()``). Servers still running at the end of the session are
@@ -285,7 +286,7 @@ def start_server(
     """
     servers: list[Server] = []
 
-    def start(*, ready: bool = False, **overrides: str) -> Server:
+    def start(*, ready: bool = False, models_dir: Path | None = None, **overrides: str) -> Server:
         port = _free_port()
         workdir = tmp_path_factory.mktemp("server")
         log_path = workdir / "server.log"
@@ -294,7 +295,7 @@ def start_server(
         # sharing a home would wipe each other's /metrics.
         home = workdir / "bentoml-home"
         home.mkdir()
-        (home / "models").symlink_to(model_home / "models", target_is_directory=True)
+        (home / "models").symlink_to(models_dir or model_home / "models", target_is_directory=True)
         env = clean_env(BENTOML_HOME=str(home), **{k: str(v) for k, v in overrides.items()})
         target = ["service:MLServe", "--working-dir", str(REPO)]
         server = launch(target, port, env, workdir, log_path, overrides)

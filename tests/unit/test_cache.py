@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
-import uuid
 
 import pytest
 
@@ -18,31 +16,11 @@ from mlserve.cache import (
     cache_key,
     normalize,
 )
-
-REDIS_URL = os.environ.get("MLSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+from tests.unit.conftest import REDIS_URL
 
 
 def run(coro):
     return asyncio.run(coro)
-
-
-@pytest.fixture
-def redis_prefix():
-    """A unique key prefix on the real Redis; its keys are deleted afterwards."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        message = f"no Redis at {REDIS_URL}: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    prefix = f"mlserve-test-{uuid.uuid4().hex[:8]}"
-    yield prefix
-    for key in client.scan_iter(f"{prefix}:*"):
-        client.delete(key)
 
 
 def closed_port_url() -> str:

@@ -1,0 +1,433 @@
+"""The model control path: which versions every worker serves, changed at run time.
+
+One *desired-state record* ``{generation, models, defaults}`` is shared by every worker of every
+replica: in Redis when ``MLSERVE_REDIS_URL`` is set (so it spans hosts), otherwise in a file
+private to this server run (single host). Each worker runs a reconcile loop that notices a new
+generation, loads and warms the models it lacks, switches defaults, unloads what the record no
+longer lists (after the requests using it have finished), and acknowledges the generation in
+its own *worker record*. An admin call loads the model in its own worker first, so a failed
+load changes nothing anywhere, then publishes the next generation and waits for every live
+worker to acknowledge it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mlserve.errors import (
+    MLServeError,
+    ModelNotFoundError,
+    ModelStateError,
+    ServiceUnavailableError,
+    ValidationError,
+)
+from mlserve.settings import TAG_RE
+
+if TYPE_CHECKING:
+    from mlserve.core import ClassificationService
+
+log = logging.getLogger("mlserve.control")
+State = dict[str, Any]  # {"generation": int, "models": [tag], "defaults": {name: version}}
+
+
+class ControlStore(Protocol):
+    """Where the desired state and the worker records live."""
+
+    where: str
+
+    def read(self) -> State | None: ...
+
+    def update(self, change: Callable[[State | None], State]) -> State:
+        """Atomically replace the state with ``change(current)``, one generation higher."""
+
+    def report(self, worker_id: str, record: dict[str, Any]) -> None: ...
+
+    def workers(self) -> dict[str, dict[str, Any]]: ...
+
+
+class FileControlStore:
+    """Single host: a directory with ``state.json`` (under an flock) and one file per worker."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        (self.dir / "workers").mkdir(parents=True, exist_ok=True)
+        self.where = f"file:{self.dir}"
+
+    def read(self) -> State | None:
+        try:
+            return json.loads((self.dir / "state.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
+    def update(self, change: Callable[[State | None], State]) -> State:
+        with (self.dir / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.read()
+            new = {**change(current), "generation": (current or {}).get("generation", 0) + 1}
+            _write_atomic(self.dir / "state.json", new)
+            return new
+
+    def report(self, worker_id: str, record: dict[str, Any]) -> None:
+        _write_atomic(self.dir / "workers" / f"{worker_id.replace('/', '_')}.json", record)
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for path in (self.dir / "workers").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(path.read_text(encoding="utf-8"))
+                out[record["worker"]] = record
+        return out
+
+
+def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RedisControlStore:
+    """Several hosts: the state in one key (changed with WATCH/MULTI), workers in one hash."""
+
+    def __init__(self, url: str, prefix: str):
+        import redis
+
+        self._client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._state_key = f"{prefix}:control:state"
+        self._workers_key = f"{prefix}:control:workers"
+        self.where = f"redis:{self._state_key}"
+
+    def read(self) -> State | None:
+        raw = self._client.get(self._state_key)
+        return json.loads(raw) if raw else None
+
+    def update(self, change: Callable[[State | None], State]) -> State:
+        def attempt(pipe: Any) -> State:
+            raw = pipe.get(self._state_key)
+            current = json.loads(raw) if raw else None
+            new = {**change(current), "generation": (current or {}).get("generation", 0) + 1}
+            pipe.multi()
+            pipe.set(self._state_key, json.dumps(new))
+            return new
+
+        return self._client.transaction(attempt, self._state_key, value_from_callable=True)
+
+    def report(self, worker_id: str, record: dict[str, Any]) -> None:
+        self._client.hset(self._workers_key, worker_id, json.dumps(record))
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        raw = self._client.hgetall(self._workers_key)
+        now, out = time.time(), {}
+        for key, value in raw.items():
+            record = json.loads(value)
+            if now - record.get("ts", 0) > 300:  # long dead: tidy up
+                self._client.hdel(self._workers_key, key)
+            else:
+                out[record["worker"]] = record
+        return out
+
+
+def default_control_dir() -> Path:
+    """A directory private to this server run: keyed by the parent (BentoML arbiter) process,
+    including its start time, so a reused PID never inherits an old run's state."""
+    ppid = os.getppid()
+    started = "0"
+    with contextlib.suppress(OSError, IndexError):
+        started = Path(f"/proc/{ppid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    return Path(tempfile.gettempdir()) / f"mlserve-control-{os.getuid()}" / f"{ppid}-{started}"
+
+
+def make_store(settings: Any) -> ControlStore:
+    """Redis when configured (or asked for), else the single-host file store."""
+    backend = settings.control_backend
+    if backend == "redis" or (backend == "auto" and settings.redis_url):
+        if not settings.redis_url:
+            raise ValueError("MLSERVE_CONTROL_BACKEND=redis needs MLSERVE_REDIS_URL")
+        return RedisControlStore(settings.redis_url, settings.cache_prefix)
+    return FileControlStore(
+        Path(settings.control_dir) if settings.control_dir else default_control_dir()
+    )
+
+
+def parse_tag(tag: object) -> tuple[str, str]:
+    """``name:version`` of safe characters, or 422: no paths, URLs or encoded escapes."""
+    if not isinstance(tag, str) or not TAG_RE.match(tag):
+        raise ValidationError(
+            "a model is named by its store tag, name:version, of lowercase letters, digits, "
+            "'_', '-' and '.'; paths, URLs and uploads are not accepted"
+        )
+    name, version = tag.split(":", 1)
+    return name, version
+
+
+class Controller:
+    """One worker's side of the control path: reconcile loop, heartbeat and admin changes."""
+
+    def __init__(
+        self,
+        core: ClassificationService,
+        store: ControlStore,
+        *,
+        poll_seconds: float = 0.2,
+        heartbeat_seconds: float = 1.0,
+        stale_seconds: float = 6.0,
+    ):
+        self.core = core
+        self.store = store
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.poll, self.heartbeat, self.stale = poll_seconds, heartbeat_seconds, stale_seconds
+        self.applied = -1  # generation this worker serves; -1 = not reconciled yet
+        self.errors: dict[str, str] = {}
+        self.last_error: str | None = None
+        self._lock = asyncio.Lock()
+        self._stop = threading.Event()
+        self._task: asyncio.Task | None = None
+
+    # --- the worker loop ----------------------------------------------------------------------
+    def initial_state(self) -> State | None:
+        """The record at start-up (None if there is none or it cannot be read)."""
+        try:
+            return self.store.read()
+        except Exception as exc:
+            self.last_error = f"control store unreadable: {type(exc).__name__}"
+            log.warning("control store %s unreadable at start-up: %r", self.store.where, exc)
+            return None
+
+    def start(self) -> None:
+        """Start the heartbeat thread and the reconcile task (call inside the event loop)."""
+        threading.Thread(target=self._beat, name="mlserve-heartbeat", daemon=True).start()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self.core.loader.done:
+            await asyncio.sleep(self.poll)
+        while not self._stop.is_set():
+            try:
+                state = await asyncio.to_thread(self.store.read)
+                self.last_error = None
+                if state is not None and state["generation"] != self.applied:
+                    async with self._lock:
+                        await self._apply(state)
+                elif state is None and self.applied < 0:
+                    self.applied = 0
+                    await asyncio.to_thread(self._report)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store is down: keep serving what we have
+                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+            await asyncio.sleep(self.poll)
+
+    async def _apply(self, state: State) -> None:
+        """Bring this worker to ``state``: load first, then defaults, then unload."""
+        registry, errors = self.core.registry, {}
+        for tag in state["models"]:
+            if tag not in registry.tags():
+                try:
+                    self.core.serve(await asyncio.to_thread(self.core.build, tag))
+                except Exception as exc:
+                    errors[tag] = getattr(exc, "message", None) or type(exc).__name__
+        loaded = set(registry.tags())
+        for name, version in state["defaults"].items():
+            if f"{name}:{version}" in loaded:
+                registry.set_default(name, version)
+        for tag in sorted(loaded - set(state["models"])):
+            try:
+                await self.core.unload(tag)
+            except MLServeError as exc:
+                errors[tag] = exc.message
+        self.applied, self.errors = state["generation"], errors
+        if errors:
+            log.error("generation %s applied with errors: %s", self.applied, errors)
+        await asyncio.to_thread(self._report)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "worker": self.worker_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "ts": time.time(),
+            "ready": self.core.loader.ready,
+            "generation": self.applied,
+            "loaded": self.core.registry.tags(),
+            "defaults": self.core.registry.defaults(),
+            "errors": self.errors,
+        }
+
+    def _report(self) -> None:
+        self.store.report(self.worker_id, self.record())
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            with contextlib.suppress(Exception):
+                self._report()
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+    # --- admin changes ------------------------------------------------------------------------
+    def live_workers(self) -> dict[str, dict[str, Any]]:
+        now = time.time()
+        return {w: r for w, r in self.store.workers().items() if now - r["ts"] <= self.stale}
+
+    async def _desired(self) -> State:
+        try:
+            state = await asyncio.to_thread(self.store.read)
+        except Exception as exc:
+            raise ServiceUnavailableError(
+                f"control store unavailable ({type(exc).__name__})"
+            ) from exc
+        return state or self._local_state()
+
+    def _local_state(self) -> State:
+        return {
+            "generation": 0,
+            "models": self.core.registry.tags(),
+            "defaults": self.core.registry.defaults(),
+        }
+
+    async def _publish(self, change: Callable[[State], State]) -> State:
+        base = self._local_state()
+        try:
+            return await asyncio.to_thread(self.store.update, lambda cur: change(cur or base))
+        except MLServeError:
+            raise
+        except Exception as exc:
+            raise ServiceUnavailableError(
+                f"control store unavailable ({type(exc).__name__})"
+            ) from exc
+
+    def _require_started(self) -> None:
+        if not self.core.loader.done or self.applied < 0:
+            raise ServiceUnavailableError("this worker is still loading its models; retry shortly")
+
+    async def load(self, tag: str, make_default: bool) -> dict[str, Any]:
+        """Load ``tag`` everywhere (optionally as its name's default)."""
+        name, version = parse_tag(tag)
+        self._require_started()
+        limit = self.core.settings.max_loaded_models
+
+        def change(cur: State) -> State:
+            models, defaults = list(cur["models"]), dict(cur["defaults"])
+            if tag not in models:
+                if len(models) >= limit:
+                    raise ModelStateError(
+                        f"{len(models)} versions are loaded, the MLSERVE_MAX_LOADED_MODELS "
+                        f"limit; unload one first",
+                        loaded=models,
+                    )
+                models.append(tag)
+            if make_default or name not in defaults:
+                defaults[name] = version
+            return {"models": sorted(models), "defaults": defaults}
+
+        async with self._lock:
+            current = await self._desired()
+            change(current)  # refuse early (limit) before spending time on a load
+            fresh = None
+            if tag not in self.core.registry.tags():
+                # A missing tag, bad checksum or corrupt file fails here; nothing has changed.
+                fresh = await asyncio.to_thread(self.core.build, tag)
+                self.core.serve(fresh)
+            try:
+                state = await self._publish(change)
+            except BaseException:
+                if fresh is not None:
+                    await self.core.unload(tag)
+                raise
+            await self._apply(state)
+        return await self._result("load", state)
+
+    async def set_default(self, name: str, version: str) -> dict[str, Any]:
+        """Make an already loaded version its name's default everywhere."""
+        tag = f"{name}:{version}"
+        parse_tag(tag)
+        self._require_started()
+
+        def change(cur: State) -> State:
+            if tag not in cur["models"]:
+                raise ModelNotFoundError(f"{tag} is not loaded; load it first")
+            return {"models": cur["models"], "defaults": {**cur["defaults"], name: version}}
+
+        async with self._lock:
+            change(await self._desired())
+            state = await self._publish(change)
+            await self._apply(state)
+        return await self._result("default", state)
+
+    async def unload(self, tag: str) -> dict[str, Any]:
+        """Unload a version everywhere; refused for a default or the last loaded version."""
+        name, version = parse_tag(tag)
+        self._require_started()
+        service_default = self.core.settings.default_model
+
+        def change(cur: State) -> State:
+            models = list(cur["models"])
+            if tag not in models:
+                raise ModelNotFoundError(f"{tag} is not loaded")
+            if len(models) == 1:
+                raise ModelStateError(f"{tag} is the last loaded version; load another first")
+            if cur["defaults"].get(name) == version or service_default == tag:
+                raise ModelStateError(
+                    f"{tag} is the default version of {name!r}; make another version the "
+                    "default first"
+                )
+            models.remove(tag)
+            return {"models": models, "defaults": cur["defaults"]}
+
+        async with self._lock:
+            change(await self._desired())
+            state = await self._publish(change)
+            await self._apply(state)
+        return await self._result("unload", state)
+
+    async def _result(self, action: str, state: State) -> dict[str, Any]:
+        """Wait (up to MLSERVE_CONTROL_TIMEOUT_SECONDS) for every live worker to apply
+        ``state``; report those that lag or failed."""
+        deadline = time.monotonic() + self.core.settings.control_timeout_seconds
+        while True:
+            workers = await asyncio.to_thread(self.live_workers)
+            lagging = sorted(w for w, r in workers.items() if r["generation"] < state["generation"])
+            if not lagging or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        failed = {w: r["errors"] for w, r in workers.items() if r["errors"] and w not in lagging}
+        return {
+            "action": action,
+            "complete": not lagging and not failed,
+            "generation": state["generation"],
+            "models": state["models"],
+            "defaults": state["defaults"],
+            "workers": {
+                w: {k: r[k] for k in ("generation", "loaded", "defaults")}
+                for w, r in sorted(workers.items())
+            },
+            "lagging": lagging,
+            "failed": failed,
+        }
+
+    def status(self) -> dict[str, Any]:
+        """The desired state and every live worker's record (for /admin/stats and the CLI)."""
+        try:
+            state, workers = self.store.read(), self.live_workers()
+        except Exception as exc:
+            return {"store": self.store.where, "error": type(exc).__name__}
+        return {
+            "store": self.store.where,
+            "desired": state or {**self._local_state(), "source": "configuration"},
+            "workers": workers,
+        }

@@ -1,0 +1,242 @@
+"""The control path: shared desired state, per-worker reconcile, admin changes and refusals.
+
+Two controllers on one store stand for two worker processes; their registries are real, and
+their "models" are tiny stand-ins (the real load path is covered by the integration tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from mlserve.control import Controller, FileControlStore, RedisControlStore, parse_tag
+from mlserve.errors import (
+    ModelIntegrityError,
+    ModelNotFoundError,
+    ModelStateError,
+    ValidationError,
+)
+from mlserve.registry import LoadedModel, ModelRegistry
+from mlserve.store import StoredModel
+from tests.unit.conftest import REDIS_URL
+
+STORE = {"sentiment:v1", "sentiment:v2", "sentiment:v3", "topic:v1"}
+
+
+class Core:
+    """What a Controller needs of ClassificationService: a registry, a loader and build."""
+
+    def __init__(self, models: list[str], max_loaded: int = 3):
+        self.settings = SimpleNamespace(
+            max_loaded_models=max_loaded, default_model="sentiment", control_timeout_seconds=2.0
+        )
+        self.registry = ModelRegistry("sentiment")
+        self.loader = SimpleNamespace(done=True, ready=True, status={})
+        self.built: list[str] = []
+        self.closed: list[str] = []
+        for tag in models:
+            self.serve(self.build(tag))
+
+    def build(self, tag: str) -> LoadedModel:
+        if tag == "sentiment:bad":
+            raise ModelIntegrityError("sentiment:bad failed verification")
+        if tag not in STORE:
+            raise ModelNotFoundError(f"model {tag} is not in the store")
+        self.built.append(tag)
+        name, version = tag.split(":")
+        runner = SimpleNamespace(model=StoredModel(tag, name, version, Path("."), {}, ""))
+        return LoadedModel(name, version, runner, batcher=None)  # type: ignore[arg-type]
+
+    def serve(self, model: LoadedModel) -> None:
+        self.registry.add(model)
+
+    async def unload(self, tag: str) -> None:
+        self.registry.remove(*tag.split(":"))
+        self.closed.append(tag)
+
+
+def workers(store, n: int = 2, models=("sentiment:v1", "topic:v1"), **kw) -> list[Controller]:
+    out = []
+    for i in range(n):
+        c = Controller(Core(list(models), **kw), store, poll_seconds=0.01, heartbeat_seconds=0.05)
+        c.worker_id = f"host:{i}"
+        out.append(c)
+    return out
+
+
+async def started(ctrls: list[Controller]) -> None:
+    for c in ctrls:
+        c.start()
+    while any(c.applied < 0 for c in ctrls):
+        await asyncio.sleep(0.01)
+
+
+async def closed(ctrls: list[Controller]) -> None:
+    for c in ctrls:
+        await c.aclose()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileControlStore:
+    return FileControlStore(tmp_path / "control")
+
+
+def test_file_store_bumps_the_generation_atomically(store) -> None:
+    assert store.read() is None
+    first = store.update(lambda cur: {"models": ["a:v1"], "defaults": {"a": "v1"}})
+    second = store.update(lambda cur: {**cur, "models": [*cur["models"], "a:v2"]})
+    assert (first["generation"], second["generation"]) == (1, 2)
+    assert store.read() == second
+    store.report("h:1", {"worker": "h:1", "ts": 1.0})
+    assert store.workers() == {"h:1": {"worker": "h:1", "ts": 1.0}}
+
+
+def test_a_change_through_one_worker_reaches_the_other(store) -> None:
+    async def scenario():
+        a, b = workers(store)
+        await started([a, b])
+        result = await a.load("sentiment:v2", make_default=True)
+        await closed([a, b])
+        return a, b, result
+
+    a, b, result = asyncio.run(scenario())
+    assert (
+        result["complete"]
+        and result["lagging"] == []
+        and set(result["workers"])
+        == {
+            "host:0",
+            "host:1",
+        }
+    )
+    for ctrl in (a, b):
+        assert ctrl.core.registry.tags() == ["sentiment:v1", "sentiment:v2", "topic:v1"]
+        assert ctrl.core.registry.resolve("sentiment").tag == "sentiment:v2"
+        assert ctrl.applied == result["generation"]
+
+
+def test_swap_then_unload_the_old_default(store) -> None:
+    async def scenario():
+        a, b = workers(store)
+        await started([a, b])
+        await a.load("sentiment:v2", make_default=True)
+        result = await b.unload("sentiment:v1")
+        await closed([a, b])
+        return a, b, result
+
+    a, b, result = asyncio.run(scenario())
+    assert result["models"] == ["sentiment:v2", "topic:v1"]
+    assert a.core.closed == b.core.closed == ["sentiment:v1"]
+    assert b.core.registry.defaults() == {"sentiment": "v2", "topic": "v1"}
+
+
+@pytest.mark.parametrize(
+    "models,action,error,words",
+    [
+        (["sentiment:v1"], ("unload", "sentiment:v1"), ModelStateError, "last loaded"),
+        (["sentiment:v1", "topic:v1"], ("unload", "sentiment:v1"), ModelStateError, "default"),
+        (["sentiment:v1", "topic:v1"], ("unload", "sentiment:v2"), ModelNotFoundError, "not"),
+        (["sentiment:v1", "topic:v1"], ("default", "sentiment:v3"), ModelNotFoundError, "load"),
+        (
+            ["sentiment:v1", "sentiment:v2", "topic:v1"],
+            ("load", "sentiment:v3"),
+            ModelStateError,
+            "MLSERVE_MAX_LOADED_MODELS",
+        ),
+        (["sentiment:v1"], ("load", "sentiment:v9"), ModelNotFoundError, "store"),
+        (["sentiment:v1"], ("load", "sentiment:bad"), ModelIntegrityError, "verification"),
+        (["sentiment:v1"], ("load", "../x"), ValidationError, "store tag"),
+    ],
+)
+def test_refused_changes_change_nothing(store, models, action, error, words) -> None:
+    async def scenario():
+        (a,) = workers(store, 1, models)
+        await started([a])
+        kind, tag = action
+        with pytest.raises(error) as caught:
+            if kind == "load":
+                await a.load(tag, make_default=True)
+            elif kind == "unload":
+                await a.unload(tag)
+            else:
+                await a.set_default(*tag.split(":"))
+        await closed([a])
+        return a, caught.value
+
+    a, exc = asyncio.run(scenario())
+    assert words in exc.message
+    assert store.read() is None  # nothing was published
+    assert a.core.registry.tags() == sorted(models)
+    assert a.core.built == models  # a refused load did not even start building
+
+
+def test_a_lagging_worker_is_reported(store) -> None:
+    async def scenario():
+        (a,) = workers(store, 1)
+        await started([a])
+        # A live worker that never applies anything (stuck in a long load, say).
+        store.report(
+            "slow:1",
+            {
+                "worker": "slow:1",
+                "ts": time.time() + 60,
+                "generation": 0,
+                "loaded": [],
+                "defaults": {},
+                "errors": {},
+            },
+        )
+        a.core.settings.control_timeout_seconds = 0.3
+        result = await a.load("sentiment:v2", make_default=False)
+        await closed([a])
+        return result
+
+    result = asyncio.run(scenario())
+    assert not result["complete"] and result["lagging"] == ["slow:1"]
+
+
+def test_a_new_worker_adopts_the_published_state(store) -> None:
+    async def scenario():
+        (a,) = workers(store, 1)
+        await started([a])
+        await a.load("sentiment:v2", make_default=True)
+        # A worker that starts later (restart, new replica) begins with the configured models
+        # and converges on the published state.
+        (late,) = workers(store, 1)
+        late.worker_id = "host:late"
+        await started([late])
+        await closed([a, late])
+        return late
+
+    late = asyncio.run(scenario())
+    assert late.core.registry.tags() == ["sentiment:v1", "sentiment:v2", "topic:v1"]
+    assert late.core.registry.defaults()["sentiment"] == "v2"
+
+
+@pytest.mark.redis
+def test_redis_store_spans_hosts(redis_prefix) -> None:
+    async def scenario():
+        store_a = RedisControlStore(REDIS_URL, redis_prefix)
+        store_b = RedisControlStore(REDIS_URL, redis_prefix)  # another host's connection
+        (a,) = workers(store_a, 1)
+        (b,) = workers(store_b, 1)
+        b.worker_id = "other-host:7"
+        await started([a, b])
+        result = await b.load("sentiment:v2", make_default=True)
+        await closed([a, b])
+        return a, result, store_a
+
+    a, result, store_a = asyncio.run(scenario())
+    assert result["complete"] and set(result["workers"]) == {"host:0", "other-host:7"}
+    assert a.core.registry.resolve("sentiment").tag == "sentiment:v2"
+    assert store_a.read()["generation"] == result["generation"] == 1
+
+
+@pytest.mark.parametrize("tag", ["../x", "/etc/passwd", "http://h/x", "%2e%2e", "a:b:c", "A:v1"])
+def test_parse_tag_refuses_paths_and_urls(tag) -> None:
+    with pytest.raises(ValidationError):
+        parse_tag(tag)
