@@ -55,7 +55,7 @@ class MLServe:
         await self.core.start_control()
 
     def __is_ready__(self) -> bool:
-        return self.core.loader.ready
+        return self.core.ready
 
     @bentoml.on_shutdown
     async def close(self) -> None:

@@ -163,8 +163,12 @@ def train_cmd(
 @app.command("list")
 def list_cmd(
     name: Annotated[str | None, typer.Argument(help="Only this model name.")] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(help="Also show what each worker of this running server has loaded."),
+    ] = None,
 ) -> None:
-    """Show the models in the BentoML store."""
+    """Show the models in the BentoML store (and, with --server, what a server has loaded)."""
     from mlserve.store import bentoml_home, list_models
 
     table = Table(title=f"mlserve models in {bentoml_home()}")
@@ -182,6 +186,129 @@ def list_cmd(
             model.creation_time[:19].replace("T", " "),
         )
     console.print(table)
+    if server:
+        _print_server_models(_admin_call(server, "GET", "/admin/models")[1])
+
+
+def _print_server_models(status: dict) -> None:
+    desired = status["desired"]
+    console.print(
+        f"[bold]{status.get('store', '')}[/] generation {desired['generation']}: "
+        f"loaded {', '.join(desired['models'])}; defaults "
+        + ", ".join(f"{n}:{v}" for n, v in sorted(desired["defaults"].items()))
+    )
+    table = Table(title="workers")
+    for col in ("worker", "generation", "loaded", "defaults", "errors"):
+        table.add_column(col)
+    for worker, rec in sorted(status["workers"].items()):
+        table.add_row(
+            worker,
+            str(rec["generation"]),
+            ", ".join(rec["loaded"]),
+            ", ".join(f"{n}:{v}" for n, v in sorted(rec["defaults"].items())),
+            "; ".join(f"{t}: {e}" for t, e in rec.get("errors", {}).items()),
+        )
+    console.print(table)
+
+
+def _admin_call(server: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """Call an admin route with MLSERVE_ADMIN_TOKEN; exit with the server's message on error."""
+    import httpx
+
+    token = os.environ.get("MLSERVE_ADMIN_TOKEN", "")
+    if not token:
+        raise _fail("set MLSERVE_ADMIN_TOKEN to the server's admin token")
+    try:
+        response = httpx.request(
+            method,
+            server.rstrip("/") + path,
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=120,
+        )
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach {server}: {exc}") from None
+    try:
+        data = response.json()
+    except ValueError:
+        data = {"message": response.text[:500]}
+    if response.status_code >= 300:
+        raise _fail(f"{response.status_code}: {data.get('message', data)}")
+    return response.status_code, data
+
+
+def _report_change(status: int, result: dict) -> None:
+    defaults = ", ".join(f"{n}:{v}" for n, v in sorted(result["defaults"].items()))
+    console.print(
+        f"generation {result['generation']}: loaded {', '.join(result['models'])}; "
+        f"defaults {defaults}"
+    )
+    if result["complete"]:
+        console.print(f"[green]applied on all {len(result['workers'])} workers[/]")
+        return
+    for worker in result["lagging"]:
+        err.print(f"[yellow]worker {worker} has not applied it yet[/]")
+    for worker, errors in result["failed"].items():
+        err.print(f"[red]worker {worker} failed:[/] {errors}")
+    raise typer.Exit(2)
+
+
+SERVER_OPTION = typer.Option(
+    envvar="MLSERVE_SERVER_URL", help="The server's URL (or MLSERVE_SERVER_URL)."
+)
+
+
+@app.command("load")
+def load_cmd(
+    source: Annotated[Path, typer.Argument(help="A .bentomodel archive or a model directory.")],
+    tag: Annotated[
+        str | None, typer.Option(help="Store it as this name:version (default: its own tag).")
+    ] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="Accept files that need unpickling (pickles are converted to safe files)."
+        ),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a model with the same tag.")] = False,
+    server: Annotated[
+        str | None, typer.Option(help="Then tell this running server to load it.")
+    ] = None,
+    make_default: Annotated[
+        bool, typer.Option(help="With --server: make it its name's default version.")
+    ] = False,
+) -> None:
+    """Import a model into the store, checksums verified; optionally load it on a server."""
+    from mlserve.importer import import_model
+
+    try:
+        stored = import_model(source, tag, trust_pickle=trust_pickle, overwrite=overwrite)
+    except (MLServeError, ValueError) as exc:
+        raise _fail(getattr(exc, "message", str(exc))) from None
+    console.print(f"[green]stored[/] {stored.tag} ({len(stored.metadata['files'])} files verified)")
+    if server:
+        body = {"tag": stored.tag, "make_default": make_default}
+        _report_change(*_admin_call(server, "POST", "/admin/models/load", body))
+
+
+@app.command("promote")
+def promote_cmd(
+    tag: Annotated[str, typer.Argument(help="name:version, already loaded on the server.")],
+    server: Annotated[str, SERVER_OPTION] = "http://127.0.0.1:3000",
+) -> None:
+    """Make a loaded version its name's default on a running server (every worker)."""
+    name, _, version = tag.partition(":")
+    body = {"name": name, "version": version}
+    _report_change(*_admin_call(server, "POST", "/admin/models/default", body))
+
+
+@app.command("unload")
+def unload_cmd(
+    tag: Annotated[str, typer.Argument(help="name:version to unload.")],
+    server: Annotated[str, SERVER_OPTION] = "http://127.0.0.1:3000",
+) -> None:
+    """Unload a (non-default) version from a running server (every worker)."""
+    _report_change(*_admin_call(server, "POST", "/admin/models/unload", {"tag": tag}))
 
 
 @app.command("serve")
@@ -285,26 +412,7 @@ def stats_cmd(
     """Live statistics of a running server (needs MLSERVE_ADMIN_TOKEN in the environment)."""
     import json
 
-    import httpx
-
-    token = os.environ.get("MLSERVE_ADMIN_TOKEN", "")
-    if not token:
-        raise _fail("set MLSERVE_ADMIN_TOKEN to the server's admin token")
-    try:
-        response = httpx.get(
-            server.rstrip("/") + "/admin/stats",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=30,
-        )
-    except httpx.HTTPError as exc:
-        raise _fail(f"cannot reach {server}: {exc}") from None
-    if response.status_code != 200:
-        try:
-            message = response.json().get("message", response.text)
-        except ValueError:
-            message = response.text
-        raise _fail(f"{response.status_code}: {message}")
-    stats = response.json()
+    stats = _admin_call(server, "GET", "/admin/stats")[1]
     if as_json:
         print(json.dumps(stats, indent=2))
         return
@@ -357,6 +465,8 @@ def stats_cmd(
             str(drift.get("drifted", "n/a")),
         )
     console.print(models)
+    if "desired" in stats.get("control", {}):
+        _print_server_models(stats["control"])
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -92,7 +92,8 @@ class FileControlStore:
 
 
 def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Unique per writer: a worker's heartbeat thread and its reconcile task may write at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(data), encoding="utf-8")
     os.replace(tmp, path)
 
@@ -249,7 +250,10 @@ class Controller:
         self.applied, self.errors = state["generation"], errors
         if errors:
             log.error("generation %s applied with errors: %s", self.applied, errors)
-        await asyncio.to_thread(self._report)
+        try:
+            await asyncio.to_thread(self._report)
+        except Exception as exc:  # the heartbeat reports it a moment later
+            log.warning("could not report generation %s: %r", self.applied, exc)
 
     def record(self) -> dict[str, Any]:
         return {

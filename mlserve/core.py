@@ -155,6 +155,8 @@ class ClassificationService:
         model.runner.close()
         obs.MODEL_LOADED.labels(model_version=tag).set(0)
         self.loader.status.pop(tag, None)
+        del model
+        await asyncio.to_thread(_reclaim_memory)
 
     async def _run(self, model: LoadedModel, texts: list[str], start: float) -> Outcome:
         timeout = self.settings.infer_timeout_seconds
@@ -228,9 +230,14 @@ class ClassificationService:
             "default_versions": self.registry.defaults() or self.settings.default_versions,
         }
 
+    @property
+    def ready(self) -> bool:
+        """Every start-up model is loaded and the worker follows the shared model state."""
+        return self.loader.ready and self.control.applied >= 0
+
     def readiness(self) -> dict:
         return {
-            "ready": self.loader.ready,
+            "ready": self.ready,
             "models": dict(self.loader.status),
             "errors": dict(self.loader.errors),
             "control": {
@@ -247,6 +254,16 @@ class ClassificationService:
         for model in self.registry.list():
             await model.batcher.aclose()
             model.runner.close()
+
+
+def _reclaim_memory() -> None:
+    """Free an unloaded model's cycles too. Models loaded at start-up were frozen out of the
+    collector's reach (see ModelLoader), so thaw, collect, and freeze what is left again."""
+    import gc
+
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _git_revision() -> str:

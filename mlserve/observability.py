@@ -136,6 +136,8 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         payload.update(getattr(record, "fields", {}))
+        if record.exc_info:  # for operators, in the log only: never in a response
+            payload["exception"] = self.formatException(record.exc_info)
         return json.dumps(payload, ensure_ascii=False)
 
 

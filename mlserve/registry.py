@@ -52,7 +52,8 @@ class LoadedModel:
             "estimator": meta["estimator"]["name"],
             "labels": meta["labels"],
             "test_metrics": {
-                k: meta["metrics"]["test"][k] for k in ("accuracy", "f1_macro", "pr_auc", "ece")
+                k: meta.get("metrics", {}).get("test", {}).get(k)
+                for k in ("accuracy", "f1_macro", "pr_auc", "ece")
             },
             "training_date": meta["training_date"],
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),

@@ -240,3 +240,24 @@ def test_redis_store_spans_hosts(redis_prefix) -> None:
 def test_parse_tag_refuses_paths_and_urls(tag) -> None:
     with pytest.raises(ValidationError):
         parse_tag(tag)
+
+
+def test_concurrent_reports_of_one_worker_never_collide(store) -> None:
+    # The heartbeat thread and the reconcile task of one worker report at the same moment.
+    import threading
+
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        try:
+            for i in range(200):
+                store.report("h:1", {"worker": "h:1", "ts": float(i)})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and store.workers()["h:1"]["worker"] == "h:1"
