@@ -370,3 +370,57 @@ def test_the_audit_log_records_every_admin_action(client, audit_path: Path) -> N
     assert last3[2]["generation"] >= 1
     # Every successful change so far was recorded, by both workers into the one file.
     assert {e["worker"] for e in entries if e["result"] == "ok"} and len(entries) >= 20
+
+
+# --- the CLI against the running server -----------------------------------------------------
+def test_cli_load_list_promote_unload_and_stats(server, client, models_dir, tmp_path) -> None:
+    import subprocess
+
+    from tests.integration.conftest import BENTOML, MLSERVE, clean_env
+
+    home = tmp_path / "cli-home"
+    home.mkdir()
+    (home / "models").symlink_to(models_dir, target_is_directory=True)
+    env = clean_env(BENTOML_HOME=str(home), COLUMNS="250")
+
+    def cli(*args: str, token: str | None = TOKEN, exe: str = MLSERVE):
+        run_env = {**env, "MLSERVE_ADMIN_TOKEN": token} if token else env
+        return subprocess.run(
+            [exe, *args], env=run_env, capture_output=True, text=True, timeout=300, check=False
+        )
+
+    archive = tmp_path / "sentiment-v1.bentomodel"
+    exported = cli("models", "export", "sentiment:v1", str(archive), exe=BENTOML)
+    assert exported.returncode == 0, exported.stderr
+
+    loaded = cli(
+        "load", str(archive), "--tag", "sentiment:cli", "--server", server.url, "--make-default"
+    )
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    assert "stored sentiment:cli" in loaded.stdout and "applied on all 2 workers" in loaded.stdout
+    assert predict(client, "some text")["model_version"] == "sentiment:cli"
+
+    listed = cli("list", "--server", server.url)
+    assert listed.returncode == 0, listed.stderr
+    assert "workers" in listed.stdout and listed.stdout.count("sentiment:cli") >= 2
+
+    promoted = cli("promote", "sentiment:v1", "--server", server.url)
+    assert promoted.returncode == 0 and "applied on all 2 workers" in promoted.stdout
+    assert predict(client, "some text")["model_version"] == "sentiment:v1"
+
+    refused = cli("unload", "sentiment:v1", "--server", server.url)
+    assert refused.returncode == 1 and "409" in refused.stderr and "default" in refused.stderr
+
+    unloaded = cli("unload", "sentiment:cli", "--server", server.url)
+    assert unloaded.returncode == 0, unloaded.stderr
+
+    stats = cli("stats", "--server", server.url)
+    assert stats.returncode == 0 and "workers" in stats.stdout
+
+    no_token = cli("promote", "sentiment:v1", "--server", server.url, token=None)
+    assert no_token.returncode == 1 and "MLSERVE_ADMIN_TOKEN" in no_token.stderr
+
+    pickled = tmp_path / "model.pkl"
+    pickled.write_bytes(b"\x80\x04K\x01.")  # pickle.dumps(1)
+    refused_pickle = cli("load", str(pickled), "--tag", "sentiment:pkl")
+    assert refused_pickle.returncode == 1 and "--trust-pickle" in refused_pickle.stderr
