@@ -153,8 +153,6 @@ def make_store(settings: Any) -> ControlStore:
     """Redis when configured (or asked for), else the single-host file store."""
     backend = settings.control_backend
     if backend == "redis" or (backend == "auto" and settings.redis_url):
-        if not settings.redis_url:
-            raise ValueError("MLSERVE_CONTROL_BACKEND=redis needs MLSERVE_REDIS_URL")
         return RedisControlStore(settings.redis_url, settings.cache_prefix)
     return FileControlStore(
         Path(settings.control_dir) if settings.control_dir else default_control_dir()
@@ -227,6 +225,10 @@ class Controller:
                 raise
             except Exception as exc:  # the store is down: keep serving what we have
                 self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+                if self.applied < 0:
+                    # Serve the models loaded at start-up (like a cache outage, this never
+                    # makes the worker unready); the record is applied once it can be read.
+                    self.applied = 0
             await asyncio.sleep(self.poll)
 
     async def _apply(self, state: State) -> None:

@@ -345,7 +345,12 @@ def _admin_change(action: str, schema: type[pydantic.BaseModel], run: Callable) 
             actor = require_admin(request.headers.get("authorization"), core.settings)
             raw = await _json_body(request, core.settings.max_body_bytes)
             if isinstance(raw, dict):
-                target = {k: v for k, v in raw.items() if isinstance(v, str | bool)}
+                # What was asked for, as sent (bounded: the log must not grow by request size).
+                target = {
+                    str(k)[:64]: v[:200] if isinstance(v, str) else v
+                    for k, v in list(raw.items())[:8]
+                    if isinstance(v, str | bool)
+                }
             body = _parse(schema, raw)
             AuditLog(core.settings.audit_log).check()  # no change that could not be recorded
             result = await run(core, body)

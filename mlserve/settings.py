@@ -166,6 +166,17 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if len(self.models) > self.max_loaded_models:
+            raise ValueError(
+                f"MLSERVE_MODELS lists {len(self.models)} tags, more than "
+                f"MLSERVE_MAX_LOADED_MODELS={self.max_loaded_models}"
+            )
+        if self.control_backend == "redis" and not self.redis_url:
+            raise ValueError("MLSERVE_CONTROL_BACKEND=redis needs MLSERVE_REDIS_URL")
+        return self
+
+    @model_validator(mode="after")
     def _keys_apart_from_admin(self) -> Settings:
         if self.admin_token and self.admin_token in self.api_keys:
             raise ValueError("the admin token must not also be a predict API key")

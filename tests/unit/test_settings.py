@@ -232,3 +232,15 @@ def test_get_settings_is_cached_until_cleared(monkeypatch: pytest.MonkeyPatch) -
     assert first.port == 3000
     get_settings.cache_clear()
     assert get_settings().port == 4321
+
+
+def test_more_startup_models_than_the_loaded_limit_refused() -> None:
+    with pytest.raises(pydantic.ValidationError, match="MLSERVE_MAX_LOADED_MODELS"):
+        Settings(models=["a:v1", "a:v2", "b:v1"], max_loaded_models=2)
+    assert Settings(models=["a:v1", "a:v2"], max_loaded_models=2).max_loaded_models == 2
+
+
+def test_redis_control_backend_needs_a_redis_url() -> None:
+    with pytest.raises(pydantic.ValidationError, match="MLSERVE_REDIS_URL"):
+        Settings(control_backend="redis")
+    assert Settings(control_backend="redis", redis_url="redis://127.0.0.1:6379/0")
