@@ -56,6 +56,8 @@ class ControlStore(Protocol):
 
     def workers(self) -> dict[str, dict[str, Any]]: ...
 
+    def forget(self, worker_id: str) -> None: ...
+
 
 class FileControlStore:
     """Single host: a directory with ``state.json`` (under an flock) and one file per worker."""
@@ -80,7 +82,13 @@ class FileControlStore:
             return new
 
     def report(self, worker_id: str, record: dict[str, Any]) -> None:
-        _write_atomic(self.dir / "workers" / f"{worker_id.replace('/', '_')}.json", record)
+        _write_atomic(self._worker_file(worker_id), record)
+
+    def _worker_file(self, worker_id: str) -> Path:
+        return self.dir / "workers" / f"{worker_id.replace('/', '_')}.json"
+
+    def forget(self, worker_id: str) -> None:
+        self._worker_file(worker_id).unlink(missing_ok=True)
 
     def workers(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -126,6 +134,9 @@ class RedisControlStore:
 
     def report(self, worker_id: str, record: dict[str, Any]) -> None:
         self._client.hset(self._workers_key, worker_id, json.dumps(record))
+
+    def forget(self, worker_id: str) -> None:
+        self._client.hdel(self._workers_key, worker_id)
 
     def workers(self) -> dict[str, dict[str, Any]]:
         raw = self._client.hgetall(self._workers_key)
@@ -191,6 +202,7 @@ class Controller:
         self.last_error: str | None = None
         self._lock = asyncio.Lock()
         self._stop = threading.Event()
+        self._beat_lock = threading.Lock()
         self._task: asyncio.Task | None = None
 
     # --- the worker loop ----------------------------------------------------------------------
@@ -275,15 +287,25 @@ class Controller:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
-            with contextlib.suppress(Exception):
-                self._report()
+            with self._beat_lock:
+                if self._stop.is_set():
+                    break
+                with contextlib.suppress(Exception):
+                    self._report()
+
+    def _leave(self) -> None:
+        with self._beat_lock:  # no heartbeat can land after this
+            self.store.forget(self.worker_id)
 
     async def aclose(self) -> None:
+        """Stop following the record and leave it: a stopped worker is not waited for."""
         self._stop.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self._leave)
 
     # --- admin changes ------------------------------------------------------------------------
     def live_workers(self) -> dict[str, dict[str, Any]]:

@@ -291,7 +291,7 @@ async def admin_stats(request: Request, core: ClassificationService, rid: str) -
     except MLServeError as exc:
         _audit(request, core, rid, "stats", None, {}, exc)
         raise
-    return JSONResponse(core.stats())
+    return JSONResponse(await asyncio.to_thread(core.stats))
 
 
 def _audit(

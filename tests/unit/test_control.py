@@ -261,3 +261,19 @@ def test_concurrent_reports_of_one_worker_never_collide(store) -> None:
     for t in threads:
         t.join()
     assert errors == [] and store.workers()["h:1"]["worker"] == "h:1"
+
+
+def test_a_stopped_worker_leaves_the_record(store) -> None:
+    async def scenario():
+        a, b = workers(store)
+        await started([a, b])
+        await a.load("sentiment:v2", make_default=False)
+        seen = set(store.workers())
+        await closed([a])
+        left = set(store.workers())
+        await closed([b])
+        return seen, left
+
+    seen, left = asyncio.run(scenario())
+    assert seen == {"host:0", "host:1"} and left == {"host:1"}
+    assert store.workers() == {}
