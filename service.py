@@ -31,7 +31,7 @@ http_app = create_app(lambda: _core)
 
 @bentoml.service(
     name="mlserve",
-    workers=_settings.workers,
+    workers=_settings.effective_workers,
     traffic={"timeout": _settings.infer_timeout_seconds + 5},
     http=_cors,
     # mlserve.http writes one JSON access line per request; BentoML's own would duplicate it.

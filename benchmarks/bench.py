@@ -2,8 +2,8 @@
 
     .venv/bin/python -m benchmarks.bench --duration 20 --out benchmarks/results
 
-Each server runs alone (one worker process each) against the same stored models in
-BENTOML_HOME; load comes from ``hey`` (Debian package) on the same machine. Results go to
+Each server runs alone, all with the same number of worker processes (``--workers``; default
+mlserve's own default, one per core), against the same stored models in BENTOML_HOME; load comes from ``hey`` (Debian package) on the same machine. Results go to
 ``OUT/results.json`` and a markdown table to ``OUT/results.md``; BENCHMARK.md quotes them.
 """
 
@@ -110,13 +110,29 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=20, help="seconds per load run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--skip-transformer", action="store_true")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="worker processes of every server (0 = auto)"
+    )
     args = parser.parse_args()
+    if not args.workers:
+        from mlserve.settings import Settings
+
+        args.workers = Settings(_env_file=None).effective_workers
     if not shutil.which("hey"):
         sys.exit("hey is not installed (apt-get install hey)")
     args.out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    env = {"HF_HUB_OFFLINE": "1", "MLSERVE_WORKERS": "1", "BENCH_MODEL": "sentiment:v1"}
-    results: dict[str, dict] = {"machine": {"cores": os.cpu_count()}, "runs": {}}
+    workers = str(args.workers)
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "MLSERVE_WORKERS": workers,
+        "BENCH_WORKERS": workers,
+        "BENCH_MODEL": "sentiment:v1",
+    }
+    results: dict[str, dict] = {
+        "machine": {"cores": os.cpu_count(), "workers": args.workers},
+        "runs": {},
+    }
     runs = results["runs"]
 
     def record(name: str, value: dict) -> None:
@@ -160,7 +176,7 @@ def main() -> None:
         "--port",
         str(port),
         "--workers",
-        "1",
+        workers,
         "--log-level",
         "warning",
         "--no-access-log",

@@ -12,7 +12,11 @@ import bentoml
 from benchmarks.common import prediction_body
 
 
-@bentoml.service(name="naive", workers=1, logging={"access": {"enabled": False}})
+@bentoml.service(
+    name="naive",
+    workers=int(os.environ.get("BENCH_WORKERS", "1")),
+    logging={"access": {"enabled": False}},
+)
 class Naive:
     def __init__(self) -> None:
         from runners import load_runner

@@ -244,3 +244,20 @@ def test_redis_control_backend_needs_a_redis_url() -> None:
     with pytest.raises(pydantic.ValidationError, match="MLSERVE_REDIS_URL"):
         Settings(control_backend="redis")
     assert Settings(control_backend="redis", redis_url="redis://127.0.0.1:6379/0")
+
+
+def test_auto_workers_one_per_core_on_cpu_and_one_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlserve.settings as settings_module
+
+    monkeypatch.setattr(settings_module.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(settings_module, "gpu_present", lambda: False)
+    auto = Settings(_env_file=None)
+    assert auto.workers == 0 and auto.effective_workers == 2
+    assert auto.effective_torch_threads == 1  # its core, shared with its event loop
+    assert Settings(_env_file=None, device="cuda").effective_workers == 1
+    assert Settings(_env_file=None, workers=3).effective_workers == 3
+    monkeypatch.setattr(settings_module.os, "cpu_count", lambda: 64)
+    assert Settings(_env_file=None).effective_workers == 8
+    monkeypatch.setattr(settings_module, "gpu_present", lambda: True)
+    assert Settings(_env_file=None).effective_workers == 1
+    assert Settings(_env_file=None, device="cpu").effective_workers == 8
