@@ -3,8 +3,9 @@
     .venv/bin/python -m benchmarks.bench --duration 20 --out benchmarks/results
 
 Each server runs alone, all with the same number of worker processes (``--workers``; default
-mlserve's own default, one per core), against the same stored models in BENTOML_HOME; load comes from ``hey`` (Debian package) on the same machine. Results go to
-``OUT/results.json`` and a markdown table to ``OUT/results.md``; BENCHMARK.md quotes them.
+mlserve's own default, one per core), against the same stored models in BENTOML_HOME; load
+comes from ``hey`` (Debian package) on the same machine. Results go to ``OUT/results.json``
+and a markdown table to ``OUT/results.md``; BENCHMARK.md quotes them.
 """
 
 from __future__ import annotations
