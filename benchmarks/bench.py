@@ -169,19 +169,9 @@ def main() -> None:
                 )
 
     port = free_port()
-    cmd = [
-        py,
-        "-m",
-        "uvicorn",
-        "benchmarks.fastapi_app:app",
-        "--port",
-        str(port),
-        "--workers",
-        workers,
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
+    # Not `uvicorn --workers`: its workers' connections lack TCP_NODELAY (see multi_uvicorn.py).
+    app = "benchmarks.fastapi_app:app"
+    cmd = [py, "-m", "benchmarks.multi_uvicorn", app, "--port", str(port), "--workers", workers]
     with server(cmd, port, env, "/docs") as url:
         for c in (1, 32, 64):
             record(

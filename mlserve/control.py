@@ -33,7 +33,7 @@ from mlserve.errors import (
     ServiceUnavailableError,
     ValidationError,
 )
-from mlserve.settings import TAG_RE
+from mlserve.store import parse_tag as store_parse_tag
 
 if TYPE_CHECKING:
     from mlserve.core import ClassificationService
@@ -172,13 +172,13 @@ def make_store(settings: Any) -> ControlStore:
 
 def parse_tag(tag: object) -> tuple[str, str]:
     """``name:version`` of safe characters, or 422: no paths, URLs or encoded escapes."""
-    if not isinstance(tag, str) or not TAG_RE.match(tag):
+    try:
+        return store_parse_tag(tag)  # type: ignore[arg-type]
+    except ValueError:
         raise ValidationError(
             "a model is named by its store tag, name:version, of lowercase letters, digits, "
             "'_', '-' and '.'; paths, URLs and uploads are not accepted"
-        )
-    name, version = tag.split(":", 1)
-    return name, version
+        ) from None
 
 
 class Controller:
