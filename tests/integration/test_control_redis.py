@@ -24,6 +24,7 @@ def test_two_servers_follow_one_record_in_redis(start_server) -> None:
         "MLSERVE_REDIS_URL": f"redis://127.0.0.1:{port}/0",
         "MLSERVE_CACHE_PREFIX": f"fleet-{uuid.uuid4().hex[:8]}",
         "MLSERVE_ADMIN_TOKEN": TOKEN,
+        "MLSERVE_WORKERS": "1",  # one worker per server: two "hosts" of one worker each
     }
     a = start_server(ready=True, **env)
     b = None
