@@ -131,11 +131,8 @@ class ClassificationService:
         start = time.perf_counter()
         self.validate_texts(texts)
         self.loader.require_ready()
-        model = self.registry.acquire(model_version)
-        try:
+        with self.registry.acquired(model_version) as model:
             return await self._run(model, texts, start)
-        finally:
-            self.registry.release(model)
 
     def serve(self, model: LoadedModel) -> None:
         """Put a built model into the registry (not as default unless its name is new)."""

@@ -313,14 +313,14 @@ def _audit(
         "client": request.client.host if request.client else None,
         "worker": core.control.worker_id,
     }
-    if error is None:
+    if result is not None:
         entry.update(
-            result="ok" if result and result["complete"] else "partial",
-            status=200 if result and result["complete"] else 202,
-            generation=result and result["generation"],
-            lagging=result and result["lagging"],
+            result="ok" if result["complete"] else "partial",
+            status=200 if result["complete"] else 202,
+            generation=result["generation"],
+            lagging=result["lagging"],
         )
-    else:
+    elif error is not None:
         denied = error.status in (401, 403)
         entry.update(
             result="denied" if denied else "error",

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,20 +108,25 @@ class ModelRegistry:
                 self._defaults.pop(name, None)
             return found
 
-    def acquire(self, model_version: str | None) -> LoadedModel:
-        """Resolve ``model_version`` and count the caller as one of the model's active requests.
+    @contextlib.contextmanager
+    def acquired(self, model_version: str | None) -> Iterator[LoadedModel]:
+        """Resolve ``model_version`` and hold the model for the length of the ``with`` block.
 
-        Pair with :meth:`release`. An unload waits for the count to reach zero before it closes
-        the model, so a request that resolved a model is always served by it.
+        An unload waits until no request holds the model before it closes it, so a request
+        that resolved a model is always served by that model.
         """
-        return self.resolve(model_version, _count=True)
+        model = self._resolve(model_version, hold=True)
+        try:
+            yield model
+        finally:
+            with self._lock:
+                model.active -= 1
 
-    def release(self, model: LoadedModel) -> None:
-        with self._lock:
-            model.active -= 1
-
-    def resolve(self, model_version: str | None, _count: bool = False) -> LoadedModel:
+    def resolve(self, model_version: str | None) -> LoadedModel:
         """The loaded model a request asks for, or a typed error."""
+        return self._resolve(model_version, hold=False)
+
+    def _resolve(self, model_version: str | None, hold: bool) -> LoadedModel:
         ref = model_version if model_version not in (None, "") else self.service_default
         if not isinstance(ref, str) or not (TAG_RE.match(ref) or NAME_RE.match(ref)):
             raise ValidationError(
@@ -134,7 +140,7 @@ class ModelRegistry:
                 if not version:
                     raise ModelNotFoundError(f"no version of model {name!r} is loaded")
             found = self._models.get((name, version))
-            if found is not None and _count:
+            if found is not None and hold:
                 found.active += 1
         if found is None:
             raise ModelNotFoundError(f"model {name}:{version} is not loaded")

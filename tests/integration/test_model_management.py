@@ -282,7 +282,6 @@ def test_ten_swaps_under_load_fail_no_request(server, texts) -> None:
         assert body["label"] == want["label"]
     assert by_version.get("sentiment:v1", 0) > 50 and by_version.get("sentiment:v2", 0) > 50
     assert len(swaps) == SWAPS
-    print(f"swap test: {len(results)} requests, by version {by_version}")
     assert all(s["complete"] for s in swaps)
 
 

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from mlserve.errors import ModelNotFoundError, ServiceUnavailableError, ValidationError
+from mlserve.errors import (
+    ModelNotFoundError,
+    ModelStateError,
+    ServiceUnavailableError,
+    ValidationError,
+)
 from mlserve.registry import LoadedModel, ModelLoader, ModelRegistry
 from mlserve.store import StoredModel
 
@@ -82,3 +87,27 @@ def test_loader_reports_progress_and_failures() -> None:
     assert not loader.ready  # one configured model failed
     loader.require_ready()  # but a:v1 can serve
     assert registry.resolve(None).tag == "a:v1"
+
+
+def test_acquired_holds_the_model_until_the_block_ends(registry: ModelRegistry) -> None:
+    with registry.acquired("sentiment") as model:
+        assert model.tag == "sentiment:v1" and model.active == 1
+        with pytest.raises(RuntimeError), registry.acquired("sentiment:v1"):
+            assert model.active == 2
+            raise RuntimeError("the request failed")
+        assert model.active == 1  # released even when the request failed
+    assert model.active == 0
+
+
+def test_removed_models_cannot_be_acquired(registry: ModelRegistry) -> None:
+    registry.remove("sentiment", "v2")
+    with pytest.raises(ModelNotFoundError):
+        registry.acquired("sentiment:v2").__enter__()
+
+
+def test_a_default_is_removable_only_as_its_names_last_version(registry: ModelRegistry) -> None:
+    with pytest.raises(ModelStateError, match="default"):
+        registry.remove("sentiment", "v1")  # v2 is still loaded
+    registry.remove("sentiment", "v2")
+    registry.remove("sentiment", "v1")
+    assert "sentiment" not in registry.defaults()
