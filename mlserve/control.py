@@ -196,6 +196,9 @@ class Controller:
         self.core = core
         self.store = store
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        # The workers of one server share the arbiter process (BentoML's) as their parent.
+        self.server_id = f"{socket.gethostname()}:{os.getppid()}"
+        self.server_ready = False  # every worker of this server is ready (see _beat)
         self.poll, self.heartbeat, self.stale = poll_seconds, heartbeat_seconds, stale_seconds
         self.applied = -1  # generation this worker serves; -1 = not reconciled yet
         self.errors: dict[str, str] = {}
@@ -275,7 +278,8 @@ class Controller:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "ts": time.time(),
-            "ready": self.core.loader.ready,
+            "server": self.server_id,
+            "ready": self.core.loader.ready and self.applied >= 0,
             "generation": self.applied,
             "loaded": self.core.registry.tags(),
             "defaults": self.core.registry.defaults(),
@@ -292,6 +296,18 @@ class Controller:
                     break
                 with contextlib.suppress(Exception):
                     self._report()
+                self.server_ready = self._all_workers_ready()
+
+    def _all_workers_ready(self) -> bool:
+        """Whether every worker of this server reports ready: connections are spread over all
+        of them, so one that is still loading would answer 503. A store that cannot be read
+        does not hold readiness back (like the cache, it never makes the service unready)."""
+        try:
+            records = self.live_workers().values()
+        except Exception:
+            return True
+        ready = [r for r in records if r.get("server") == self.server_id and r.get("ready")]
+        return len(ready) >= self.core.settings.effective_workers
 
     def _leave(self) -> None:
         with self._beat_lock:  # no heartbeat can land after this

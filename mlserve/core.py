@@ -229,8 +229,9 @@ class ClassificationService:
 
     @property
     def ready(self) -> bool:
-        """Every start-up model is loaded and the worker follows the shared model state."""
-        return self.loader.ready and self.control.applied >= 0
+        """Every start-up model is loaded, the worker follows the shared model state, and so
+        do the other workers of this server."""
+        return self.loader.ready and self.control.applied >= 0 and self.control.server_ready
 
     def readiness(self) -> dict:
         return {

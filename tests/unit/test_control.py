@@ -32,7 +32,10 @@ class Core:
 
     def __init__(self, models: list[str], max_loaded: int = 3):
         self.settings = SimpleNamespace(
-            max_loaded_models=max_loaded, default_model="sentiment", control_timeout_seconds=2.0
+            max_loaded_models=max_loaded,
+            default_model="sentiment",
+            control_timeout_seconds=2.0,
+            effective_workers=2,
         )
         self.registry = ModelRegistry("sentiment")
         self.loader = SimpleNamespace(done=True, ready=True, status={})
@@ -277,3 +280,23 @@ def test_a_stopped_worker_leaves_the_record(store) -> None:
     seen, left = asyncio.run(scenario())
     assert seen == {"host:0", "host:1"} and left == {"host:1"}
     assert store.workers() == {}
+
+
+def test_a_server_is_ready_only_when_all_its_workers_are(store) -> None:
+    async def scenario():
+        a, b = workers(store)
+        a.start()
+        while a.applied < 0:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # a few heartbeats: b has not joined yet
+        alone = a.server_ready
+        b.start()
+        deadline = time.monotonic() + 5
+        while not (a.server_ready and b.server_ready) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await closed([a, b])
+        return alone, a.server_ready, b.server_ready
+
+    alone, a_ready, b_ready = asyncio.run(scenario())
+    assert alone is False  # effective_workers=2 and only one has reported ready
+    assert a_ready and b_ready
