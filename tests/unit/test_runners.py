@@ -166,3 +166,72 @@ def test_transformer_truncates_to_max_tokens(transformer_tag) -> None:
         np.testing.assert_allclose(a, b, atol=1e-5)  # everything past the limit is ignored
     finally:
         runner.close()
+
+
+def test_device_choice_follows_cuda_then_mps_then_cpu(monkeypatch) -> None:
+    import torch
+
+    from runners.transformer import pick_device
+
+    mps = torch.backends.mps
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mps, "is_available", lambda: True)
+    assert pick_device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == "mps"
+    monkeypatch.setattr(mps, "is_available", lambda: False)
+    assert pick_device("auto") == "cpu"
+    assert pick_device("cpu") == "cpu"  # an explicit setting wins over detection
+
+
+def test_gpu_out_of_memory_is_a_503_and_frees_the_cache(transformer_tag, monkeypatch) -> None:
+    import torch
+
+    from mlserve.errors import ServiceUnavailableError
+
+    runner = load_runner(transformer_tag)
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+
+    def out_of_memory(texts):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    try:
+        monkeypatch.setattr(runner.encoder, "embed", out_of_memory)
+        with pytest.raises(ServiceUnavailableError) as caught:
+            runner.predict(["a text"])
+        assert caught.value.status == 503
+        assert "GiB" not in caught.value.to_dict()["message"]  # no allocator details
+        assert emptied
+    finally:
+        runner.close()
+
+
+def test_close_on_a_gpu_releases_its_memory(transformer_tag, monkeypatch) -> None:
+    import torch
+
+    runner = load_runner(transformer_tag)
+    # The device was passed to the model explicitly; pretend it is a GPU to check the release.
+    assert next(runner.encoder.model.parameters()).device == runner.encoder.device
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    runner.encoder.device = torch.device("cuda")
+    runner.close()
+    assert emptied and not runner.loaded
+    assert not hasattr(runner.encoder, "model")
+
+
+def test_gpu_check_script_compares_a_device_with_the_cpu(transformer_tag, monkeypatch) -> None:
+    from benchmarks.gpu_check import check
+    from mlserve.settings import get_settings
+
+    monkeypatch.setenv("MLSERVE_DEVICE", "cpu")  # restored afterwards; check() changes it
+    try:
+        report = check(transformer_tag, device="cpu", sizes=(1, 4), repeat=1)
+    finally:
+        get_settings.cache_clear()
+    assert report["device"] == "cpu"
+    assert report["max_abs_probability_diff_vs_cpu"] < 1e-5
+    assert report["label_agreement_vs_cpu"] == 1.0
+    assert set(report["texts_per_s_by_batch_size"]) == {"1", "4"}
+    assert all(v > 0 for v in report["texts_per_s_by_batch_size"].values())
