@@ -284,6 +284,7 @@ class Controller:
             "loaded": self.core.registry.tags(),
             "defaults": self.core.registry.defaults(),
             "errors": self.errors,
+            "connections": self.core.balancer.active(),
         }
 
     def _report(self) -> None:
@@ -294,19 +295,28 @@ class Controller:
             with self._beat_lock:
                 if self._stop.is_set():
                     break
+                record = self.record()
                 with contextlib.suppress(Exception):
-                    self._report()
-                self.server_ready = self._all_workers_ready()
+                    self.store.report(self.worker_id, record)
+                try:
+                    records = [
+                        r for r in self.live_workers().values() if r.get("server") == self.server_id
+                    ]
+                except Exception:
+                    records = None
+                self.server_ready = self._all_workers_ready(records)
+                self.core.balancer.rebalance(
+                    record["connections"], (r.get("connections", 0) for r in records or ())
+                )
 
-    def _all_workers_ready(self) -> bool:
+    def _all_workers_ready(self, records: list[dict[str, Any]] | None) -> bool:
         """Whether every worker of this server reports ready: connections are spread over all
         of them, so one that is still loading would answer 503. A store that cannot be read
-        does not hold readiness back (like the cache, it never makes the service unready)."""
-        try:
-            records = self.live_workers().values()
-        except Exception:
+        (``records`` is None) does not hold readiness back (like the cache, it never makes the
+        service unready)."""
+        if records is None:
             return True
-        ready = [r for r in records if r.get("server") == self.server_id and r.get("ready")]
+        ready = [r for r in records if r.get("ready")]
         return len(ready) >= self.core.settings.effective_workers
 
     def _leave(self) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 
 import mlserve
 from mlserve import observability as obs
+from mlserve.balance import ConnectionBalancer
 from mlserve.batching import AdaptiveBatcher, BatchSlice
 from mlserve.cache import PredictionCache, make_backend
 from mlserve.control import Controller, make_store
@@ -57,6 +58,9 @@ class ClassificationService:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.registry = ModelRegistry(settings.default_model)
+        self.balancer = ConnectionBalancer(
+            settings.balance_connections and settings.effective_workers > 1
+        )
         self.control = Controller(self, make_store(settings))
         # A worker that starts after run-time changes (a restart, a new replica) loads the
         # shared desired state rather than the configured models.

@@ -242,8 +242,9 @@ def _endpoint(route: str, handler: Handler, get_core: Callable[[], Classificatio
     async def endpoint(request: Request) -> Response:
         start = time.perf_counter()
         rid = _request_id(request)
+        core = get_core()
         try:
-            response = await handler(request, get_core(), rid)
+            response = await handler(request, core, rid)
         except MLServeError as exc:
             obs.observe_error(exc.code)
             response = JSONResponse({**exc.to_dict(), "request_id": rid}, status_code=exc.status)
@@ -260,6 +261,8 @@ def _endpoint(route: str, handler: Handler, get_core: Callable[[], Classificatio
             )
         elapsed = time.perf_counter() - start
         response.headers["x-request-id"] = rid
+        if core is not None and core.balancer.seen(request.client):
+            response.headers["connection"] = "close"  # the client reconnects (mlserve.balance)
         obs.observe_request(route, response.status_code, elapsed)
         if route not in ("/health", "/ready"):
             access.info(

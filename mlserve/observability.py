@@ -56,6 +56,10 @@ class _Metrics:
             buckets=CONFIDENCE_BUCKETS,
         )
         self.errors = Counter("mlserve_errors", "Errors by type.", ["type"])
+        self.connections_shed = Counter(
+            "mlserve_connections_shed",
+            "Keep-alive connections closed after a response to spread clients over the workers.",
+        )
         self.cache = Counter(
             "mlserve_cache", "Prediction cache lookups by event: hit, miss, error.", ["event"]
         )
@@ -109,6 +113,10 @@ def observe_predictions(tag: str, labels: list[str], confidence: Any) -> None:
     histogram = m.confidence.labels(model_version=tag)
     for conf in confidence.tolist():
         histogram.observe(conf)
+
+
+def observe_connection_shed() -> None:
+    metrics().connections_shed.inc()
 
 
 def observe_cache(event: str, n: int) -> None:

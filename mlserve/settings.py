@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         description="Server worker processes; 0 = auto: one per CPU core (at most 8) on a CPU "
         "machine, one when a GPU is used.",
     )
+    balance_connections: bool = Field(
+        True,
+        description="With several workers, close a worker's surplus keep-alive connections "
+        "(after a full response) so clients reconnect and spread evenly over the workers.",
+    )
 
     # --- HTTP ---------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address `mlserve serve` binds.")

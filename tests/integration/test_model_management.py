@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -423,3 +424,41 @@ def test_cli_load_list_promote_unload_and_stats(server, client, models_dir, tmp_
     pickled.write_bytes(b"\x80\x04K\x01.")  # pickle.dumps(1)
     refused_pickle = cli("load", str(pickled), "--tag", "sentiment:pkl")
     assert refused_pickle.returncode == 1 and "--trust-pickle" in refused_pickle.stderr
+
+
+# --- connections ----------------------------------------------------------------------------
+def test_keep_alive_connections_spread_over_both_workers(server, client) -> None:
+    """24 keep-alive connections opened at once: asyncio lets one worker accept most of such a
+    burst, so the busier worker closes its surplus (after full responses) until the two hold
+    about half each. No request fails on the way."""
+    n_clients = 24
+
+    async def run() -> tuple[list[int], dict]:
+        limits = httpx.Limits(max_connections=1, keepalive_expiry=2.0)
+        clients = [
+            httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30.0)
+            for _ in range(n_clients)
+        ]
+        statuses: list[int] = []
+
+        async def keep_asking(c: httpx.AsyncClient) -> None:
+            end = time.monotonic() + 6.0
+            while time.monotonic() < end:
+                response = await c.post("/predict", json={"text": "It helped my migraines."})
+                statuses.append(response.status_code)
+
+        try:
+            await asyncio.gather(*(keep_asking(c) for c in clients))
+            # Read the heartbeats while the connections still count as active (2 s window).
+            workers = client.get("/admin/models", headers=AUTH).json()["workers"]
+        finally:
+            for c in clients:
+                await c.aclose()
+        return statuses, workers
+
+    statuses, workers = asyncio.run(run())
+    assert statuses and set(statuses) == {200}
+    counts = sorted(record["connections"] for record in workers.values())
+    assert len(counts) == 2, workers
+    assert sum(counts) >= n_clients - 2, counts
+    assert counts[1] - counts[0] <= 4, counts

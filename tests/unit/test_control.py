@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from mlserve.balance import ConnectionBalancer
 from mlserve.control import Controller, FileControlStore, RedisControlStore, parse_tag
 from mlserve.errors import (
     ModelIntegrityError,
@@ -38,6 +39,7 @@ class Core:
             effective_workers=2,
         )
         self.registry = ModelRegistry("sentiment")
+        self.balancer = ConnectionBalancer()
         self.loader = SimpleNamespace(done=True, ready=True, status={})
         self.built: list[str] = []
         self.closed: list[str] = []
@@ -300,3 +302,24 @@ def test_a_server_is_ready_only_when_all_its_workers_are(store) -> None:
     alone, a_ready, b_ready = asyncio.run(scenario())
     assert alone is False  # effective_workers=2 and only one has reported ready
     assert a_ready and b_ready
+
+
+def test_heartbeats_share_connection_counts_and_set_the_surplus_to_close(store) -> None:
+    async def scenario():
+        a, b = workers(store)
+        for i in range(20):
+            a.core.balancer.seen(("10.0.0.1", 30000 + i))
+        for i in range(4):
+            b.core.balancer.seen(("10.0.0.1", 31000 + i))
+        await started([a, b])
+        deadline = time.monotonic() + 5
+        while a.core.balancer.budget == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        reported = {w: r["connections"] for w, r in store.workers().items()}
+        budgets = a.core.balancer.budget, b.core.balancer.budget
+        await closed([a, b])
+        return reported, budgets
+
+    reported, (a_budget, b_budget) = asyncio.run(scenario())
+    assert reported == {"host:0": 20, "host:1": 4}
+    assert (a_budget, b_budget) == (8, 0)  # fair share 12: a closes 8, b none
