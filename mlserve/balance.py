@@ -1,14 +1,14 @@
 """Keep client connections spread evenly over a server's worker processes.
 
 BentoML's workers share one listening socket, and asyncio accepts every queued connection in one
-go, so a burst of new keep-alive connections (a client pool starting up) often lands mostly on
-one worker: 30 of 32 in one measured run. With a compute-bound model the other worker then idles,
-and throughput fell by up to a quarter. Each worker counts the connections it has seen recently,
-reports the count in its heartbeat (mlserve.control), and learns the fair share from its
-siblings' reports. A worker holding more than its share plus one answers the next requests on
-its surplus connections with ``Connection: close``; those clients reconnect and the kernel hands
-the new connections to whichever worker accepts first. No request is refused or retried: each
-shed connection has just received its full response.
+go. So a burst of new keep-alive connections (a client pool starting up) often lands mostly on
+one worker: 30 of 32 in one measured run. With a compute-bound model the other worker then
+idles, and throughput fell by up to a quarter. Each worker counts the connections it has served
+in the last two seconds and reports the count in its heartbeat (mlserve.control). From all the
+reports it computes the fair share. A worker more than one over the fair share closes its
+surplus once: the next responses it sends carry ``Connection: close``. Those clients reconnect,
+and each new connection goes to whichever worker accepts it first. No request is refused or
+retried: a closed connection has just received its full response.
 """
 
 from __future__ import annotations
