@@ -295,8 +295,9 @@ class Controller:
             with self._beat_lock:
                 if self._stop.is_set():
                     break
-                record = self.record()
+                record: dict[str, Any] = {}
                 with contextlib.suppress(Exception):
+                    record = self.record()
                     self.store.report(self.worker_id, record)
                 try:
                     records = [
@@ -306,7 +307,7 @@ class Controller:
                     records = None
                 self.server_ready = self._all_workers_ready(records)
                 self.core.balancer.rebalance(
-                    record["connections"], (r.get("connections", 0) for r in records or ())
+                    record.get("connections", 0), (r.get("connections", 0) for r in records or ())
                 )
 
     def _all_workers_ready(self, records: list[dict[str, Any]] | None) -> bool:
