@@ -11,6 +11,7 @@ size, and the GPU memory held before and after ``close()``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -71,8 +72,6 @@ def check(tag: str, device: str = "auto", sizes: tuple[int, ...] = (1, 32, 128),
             times.append(time.perf_counter() - start)
         throughput[str(size)] = round(size / statistics.median(times), 1)
     runner.close()
-    import gc
-
     gc.collect()
     released = _gpu_memory(torch, chosen)
     diff = np.abs(result.probabilities - reference.probabilities)
