@@ -1,8 +1,9 @@
 """The mlserve BentoML service: wiring only. Model logic lives in runners/ and mlserve/.
 
 Serve it with ``bentoml serve service:MLServe`` (or ``mlserve serve``). The HTTP routes are a
-Starlette app (mlserve.http) mounted into this service, so BentoML's own /livez, /readyz and
-/metrics keep working beside them, and adaptive batching runs in-process (mlserve.batching).
+Starlette app (mlserve.http) mounted into this service, so BentoML's own /livez and /readyz keep
+working beside them, and adaptive batching runs in-process (mlserve.batching). /metrics is
+mlserve's own (BentoML's per-path HTTP metrics are off: see below).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ _cors = (
             "enabled": True,
             "access_control_allow_origins": _settings.cors_origins,
             "access_control_allow_methods": ["GET", "POST"],
-            "access_control_allow_headers": ["Content-Type", "Authorization", "X-Request-ID"],
+            "access_control_allow_headers": [
+                "Content-Type",
+                "Authorization",
+                "X-API-Key",
+                "X-Request-ID",
+            ],
+            "access_control_expose_headers": ["X-Request-ID"],
         }
     }
     if _settings.cors_origins
@@ -36,6 +43,10 @@ http_app = create_app(lambda: _core)
     http=_cors,
     # mlserve.http writes one JSON access line per request; BentoML's own would duplicate it.
     logging={"access": {"enabled": False}},
+    # BentoML's HTTP metrics label each series with the raw request path, so any client could
+    # add series without bound (and prometheus-client never frees one). mlserve serves /metrics
+    # itself, with route templates and loaded versions as the only label values.
+    metrics={"enabled": False},
 )
 @bentoml.asgi_app(http_app, path="/")
 class MLServe:

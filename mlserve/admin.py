@@ -7,11 +7,18 @@ Statistics come from the Prometheus metrics, which are aggregated across all wor
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import fcntl
 import hashlib
 import hmac
 import json
+import logging
+import math
 import os
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +51,18 @@ def require_admin(authorization: str | None, settings: Any) -> str:
 
 
 class AuditLog:
-    """Append-only JSON lines: one per admin action, with who (a token id), what, when and the
-    result. Each line is one ``write`` on an ``O_APPEND`` descriptor under an exclusive lock,
-    so the lines of several workers never interleave."""
+    """Append-only JSON lines, rotated by size.
 
-    def __init__(self, path: str | Path):
+    Each line is one ``write`` on an ``O_APPEND`` descriptor, synced to disk before the call
+    returns, under an exclusive lock on a sidecar file (``<log>.lock``), so the lines of several
+    workers never interleave and only one of them rotates. When a line would take the file past
+    ``max_bytes``, ``<log>`` becomes ``<log>.1``, ``<log>.1`` becomes ``<log>.2`` and so on;
+    ``backups`` old files are kept.
+    """
+
+    def __init__(self, path: str | Path, max_bytes: int = 10 << 20, backups: int = 5):
         self.path = Path(path)
+        self.max_bytes, self.backups = max_bytes, backups
 
     def _open(self) -> int:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,14 +77,132 @@ class AuditLog:
                 "the admin audit log cannot be written; no change was made"
             ) from exc
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(lock)
+
     def write(self, entry: dict[str, Any]) -> None:
         line = (json.dumps(entry, sort_keys=True, default=str) + "\n").encode()
-        fd = self._open()
+        with self._locked():
+            self._rotate_before(len(line))
+            fd = self._open()
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def rotated(self) -> list[Path]:
+        """The kept old files, newest first."""
+        found = []
+        for path in self.path.parent.glob(self.path.name + ".*"):
+            suffix = path.name[len(self.path.name) + 1 :]
+            if suffix.isdigit():
+                found.append((int(suffix), path))
+        return [path for _, path in sorted(found)]
+
+    def _rotate_before(self, incoming: int) -> None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size == 0 or size + incoming <= self.max_bytes:
+            return
+        for path in self.rotated():  # left over from a larger MLSERVE_AUDIT_BACKUPS
+            if int(path.name.rsplit(".", 1)[1]) >= self.backups:
+                path.unlink(missing_ok=True)
+        for i in range(self.backups, 0, -1):
+            src = self.path if i == 1 else self.path.with_name(f"{self.path.name}.{i - 1}")
+            if src.exists():
+                os.replace(src, self.path.with_name(f"{self.path.name}.{i}"))
+
+
+class AdminAudit:
+    """What the admin API writes to the audit log.
+
+    * Every authenticated call's outcome (a change, or an error) is written in full, durably.
+    * A denied call (no or a bad token, admin off) is counted in ``mlserve_admin_denied_total``
+      by route and reason, and written only as a summary: at most one line per client per
+      ``MLSERVE_AUDIT_DENIED_INTERVAL_SECONDS``, carrying the count since the last one, and at
+      most ``max_clients`` clients per interval (the rest are summed under ``"*"``). A flood of
+      denied calls therefore costs a few lines, never one per call.
+    """
+
+    def __init__(
+        self,
+        settings: Any,
+        worker_id: str,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 16,
+    ):
+        self.log = AuditLog(settings.audit_log, settings.audit_max_bytes, settings.audit_backups)
+        self.interval = settings.audit_denied_interval_seconds
+        self.worker_id = worker_id
+        self.max_clients = max_clients
+        self._clock = clock
+        self._pending: dict[str, dict[str, Any]] = {}  # client -> denials since its last line
+        self._written: dict[str, float] = {}  # client -> when its last line was written
+        self._lock = threading.Lock()
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Write one authenticated admin call (raises OSError if the log cannot be written)."""
+        self.log.write(entry)
+
+    def denied(self, route: str, reason: str, client: str | None) -> None:
+        from mlserve import observability as obs
+
+        obs.observe_admin_denied(route, reason)
+        now = self._clock()
+        with self._lock:
+            for key, when in list(self._written.items()):
+                if now - when >= self.interval and key not in self._pending:
+                    del self._written[key]
+            key = client or "unknown"
+            known = self._written.keys() | self._pending.keys()
+            if key not in known and len(known) >= self.max_clients:
+                key = "*"
+            pending = self._pending.setdefault(
+                key, {"count": 0, "routes": {}, "reasons": {}, "since": _now_iso()}
+            )
+            pending["count"] += 1
+            pending["routes"][route] = pending["routes"].get(route, 0) + 1
+            pending["reasons"][reason] = pending["reasons"].get(reason, 0) + 1
+            if now - self._written.get(key, -math.inf) < self.interval:
+                return
+            self._written[key] = now
+            summary = self._pending.pop(key)
+        self._write_summary(key, summary)
+
+    def flush(self) -> None:
+        """Write the summaries still pending (at shutdown)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for key, summary in pending.items():
+            self._write_summary(key, summary)
+
+    def _write_summary(self, client: str, summary: dict[str, Any]) -> None:
+        entry = {
+            "ts": _now_iso(),
+            "action": "denied",
+            "result": "denied",
+            "client": client,
+            "worker": self.worker_id,
+            **summary,
+        }
+        try:
+            self.log.write(entry)
+        except OSError as exc:
+            logging.getLogger("mlserve.admin").error("audit log write failed: %r", exc)
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
 # The overall request count and error rate cover predictions, not probes such as /ready.
@@ -97,15 +228,9 @@ def require_api_key(headers: Any, settings: Any) -> None:
 
 def _samples() -> list[Any]:
     """Every metric sample, merged across worker processes when BentoML runs several."""
-    from prometheus_client import REGISTRY, CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
+    from mlserve.observability import collector_registry
 
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-    else:
-        registry = REGISTRY
-    return [s for family in registry.collect() for s in family.samples]
+    return [s for family in collector_registry().collect() for s in family.samples]
 
 
 def _percentile(buckets: list[tuple[float, float]], q: float) -> float | None:

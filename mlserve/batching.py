@@ -56,11 +56,13 @@ class AdaptiveBatcher:
         max_batch_size: int,
         max_latency_ms: float,
         on_batch: Callable[[int, float, dict[str, float]], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
     ):
         self._predict = predict
         self.max_batch_size = max_batch_size
         self.max_latency = max_latency_ms / 1000.0
         self._on_batch = on_batch
+        self._on_error = on_error or (lambda kind: None)
         self._queue: collections.deque[_Job] = collections.deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -73,6 +75,8 @@ class AdaptiveBatcher:
         """Queue ``texts`` (one request) and wait for its rows, at most ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
+            if self._task is not None and not self._closed:
+                self._on_error("restart")  # the consumer ended: start another
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._consume())
         job = _Job(list(texts), loop.create_future())
@@ -101,57 +105,74 @@ class AdaptiveBatcher:
         return sum(len(j.texts) for j in self._queue)
 
     async def _consume(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self._closed:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if self.max_latency > 0 and self._last_batch_jobs > 1:
-                # Traffic is concurrent: give the batch a moment to fill.
-                deadline = self._queue[0].enqueued + self.max_latency
-                while (
-                    self._pending_texts() < self.max_batch_size
-                    and (wait := deadline - time.perf_counter()) > 0
-                ):
-                    self._wake.clear()
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), wait)
-                    except TimeoutError:
-                        break
-            jobs = self._take()
-            if not jobs:
-                continue
-            self._last_batch_jobs = len(jobs)
-            start = time.perf_counter()
-            texts = [t for job in jobs for t in job.texts]
-            self._inflight = jobs
             try:
-                result = await loop.run_in_executor(self._executor, self._predict, texts)
-            except Exception as exc:  # every request of the batch gets the error
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a fault in the bookkeeping: fail its batch, keep serving
+                self._on_error("deliver")
+                self._fail(self._inflight, exc)
             finally:
                 self._inflight = []
-            queue_ms = [(start - job.enqueued) * 1000.0 for job in jobs]
-            if self._on_batch:
-                self._on_batch(len(texts), max(queue_ms), result.timing_ms)
-            offset = 0
-            for job, waited in zip(jobs, queue_ms, strict=True):
-                n = len(job.texts)
-                if not job.future.done():
-                    job.future.set_result(
-                        BatchSlice(
-                            probabilities=result.probabilities[offset : offset + n],
-                            predicted_index=result.predicted_index[offset : offset + n],
-                            labels=result.labels,
-                            timing_ms={"queue_ms": waited, **result.timing_ms},
-                            batch_size=len(texts),
-                        )
+
+    async def _step(self) -> None:
+        """Wait for work, run one batch and hand every request its rows."""
+        if not self._queue:
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        if self.max_latency > 0 and self._last_batch_jobs > 1:
+            # Traffic is concurrent: give the batch a moment to fill.
+            deadline = self._queue[0].enqueued + self.max_latency
+            while (
+                self._pending_texts() < self.max_batch_size
+                and (wait := deadline - time.perf_counter()) > 0
+            ):
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except TimeoutError:
+                    break
+        jobs = self._take()
+        if not jobs:
+            return
+        self._last_batch_jobs = len(jobs)
+        start = time.perf_counter()
+        texts = [t for job in jobs for t in job.texts]
+        self._inflight = jobs
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self._executor, self._predict, texts)
+        except Exception as exc:  # every request of the batch gets the model's error
+            self._fail(jobs, exc)
+            return
+        queue_ms = [(start - job.enqueued) * 1000.0 for job in jobs]
+        offset = 0
+        for job, waited in zip(jobs, queue_ms, strict=True):
+            n = len(job.texts)
+            if not job.future.done():
+                job.future.set_result(
+                    BatchSlice(
+                        probabilities=result.probabilities[offset : offset + n],
+                        predicted_index=result.predicted_index[offset : offset + n],
+                        labels=result.labels,
+                        timing_ms={"queue_ms": waited, **result.timing_ms},
+                        batch_size=len(texts),
                     )
-                offset += n
+                )
+            offset += n
+        if self._on_batch:
+            try:
+                self._on_batch(len(texts), max(queue_ms), result.timing_ms)
+            except Exception:  # metrics must never fail requests or the consumer
+                self._on_error("hook")
+
+    @staticmethod
+    def _fail(jobs: list[_Job], exc: Exception) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(exc)
 
     async def aclose(self) -> None:
         """Stop the consumer; requests queued or running get a 503 error."""

@@ -39,6 +39,25 @@ class Calibrator:
         # (better macro-F1 on imbalanced data). Probabilities themselves are never reweighted.
         self.decision_weights = decision_weights or [1.0] * len(params)
 
+    @property
+    def decision_rule(self) -> str:
+        """``argmax`` (the most probable label) or ``prior_corrected_argmax`` (the label of
+        the largest ``p * w`` with ``w`` proportional to 1 / the label's training prior)."""
+        return "argmax" if len(set(self.decision_weights)) <= 1 else "prior_corrected_argmax"
+
+    def describe_decision(self, labels: list[str]) -> dict[str, object]:
+        """The decision rule for a model card or an API answer."""
+        rule = self.decision_rule
+        text = (
+            "the label is the most probable one"
+            if rule == "argmax"
+            else "the label maximises probability x weight, with weights proportional to 1 / "
+            "the label's share of the training data (chosen on validation macro-F1); a rare "
+            "label can win with less probability than a common one"
+        )
+        weights = dict(zip(labels, (round(w, 6) for w in self.decision_weights), strict=True))
+        return {"rule": rule, "weights": weights, "description": text}
+
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """Predicted class index per row."""
         return (probs * np.asarray(self.decision_weights)).argmax(axis=1)

@@ -31,15 +31,37 @@ from mlserve.errors import (
     ModelNotFoundError,
     ModelStateError,
     ServiceUnavailableError,
-    ValidationError,
 )
-from mlserve.store import parse_tag as store_parse_tag
+from mlserve.store import parse_tag
 
 if TYPE_CHECKING:
-    from mlserve.core import ClassificationService
+    from mlserve.balance import ConnectionBalancer
+    from mlserve.registry import LoadedModel, ModelLoader, ModelRegistry
 
 log = logging.getLogger("mlserve.control")
 State = dict[str, Any]  # {"generation": int, "models": [tag], "defaults": {name: version}}
+
+
+class ModelHost(Protocol):
+    """What the controller drives: one worker's serving core (``mlserve.core`` implements it).
+
+    The controller never imports the core; the core hands itself in, so the two modules do not
+    depend on each other in a cycle.
+    """
+
+    settings: Any
+    registry: ModelRegistry
+    loader: ModelLoader
+    balancer: ConnectionBalancer
+
+    def build(self, tag: str) -> LoadedModel:
+        """Load, verify and warm ``tag`` (not yet serving)."""
+
+    def serve(self, model: LoadedModel) -> None:
+        """Put a built model into this worker's registry."""
+
+    async def retire(self, tag: str) -> None:
+        """Take ``tag`` out of this worker's service, wait for its requests, free it."""
 
 
 class ControlStore(Protocol):
@@ -49,8 +71,10 @@ class ControlStore(Protocol):
 
     def read(self) -> State | None: ...
 
-    def update(self, change: Callable[[State | None], State]) -> State:
-        """Atomically replace the state with ``change(current)``, one generation higher."""
+    def update(self, change: Callable[[State | None], State], floor: int = 0) -> State:
+        """Atomically replace the state with ``change(current)``, one generation above both the
+        current one and ``floor`` (so a generation never goes back, even after the record was
+        lost)."""
 
     def report(self, worker_id: str, record: dict[str, Any]) -> None: ...
 
@@ -73,11 +97,11 @@ class FileControlStore:
         except FileNotFoundError:
             return None
 
-    def update(self, change: Callable[[State | None], State]) -> State:
+    def update(self, change: Callable[[State | None], State], floor: int = 0) -> State:
         with (self.dir / ".lock").open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             current = self.read()
-            new = {**change(current), "generation": (current or {}).get("generation", 0) + 1}
+            new = {**change(current), "generation": _next_generation(current, floor)}
             _write_atomic(self.dir / "state.json", new)
             return new
 
@@ -99,6 +123,10 @@ class FileControlStore:
         return out
 
 
+def _next_generation(current: State | None, floor: int) -> int:
+    return max((current or {}).get("generation", 0), floor) + 1
+
+
 def _write_atomic(path: Path, data: dict[str, Any]) -> None:
     # Unique per writer: a worker's heartbeat thread and its reconcile task may write at once.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -107,25 +135,45 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 class RedisControlStore:
-    """Several hosts: the state in one key (changed with WATCH/MULTI), workers in one hash."""
+    """Several hosts: the state in one key (changed with WATCH/MULTI), workers in one hash.
 
-    def __init__(self, url: str, prefix: str):
+    The keys are ``mlserve:control:<namespace>:state`` and ``...:workers``: deployments that
+    share a Redis stay apart by namespace. Neither key has a TTL, so a ``volatile-*`` eviction
+    policy (cache entries all have one) can never evict them; see deploy/redis/redis.conf.
+    """
+
+    def __init__(self, url: str, namespace: str):
         import redis
 
         self._client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        self._state_key = f"{prefix}:control:state"
-        self._workers_key = f"{prefix}:control:workers"
+        self._state_key = f"mlserve:control:{namespace}:state"
+        self._workers_key = f"mlserve:control:{namespace}:workers"
         self.where = f"redis:{self._state_key}"
+
+    def eviction_warning(self) -> str | None:
+        """A warning when Redis may evict or refuse the control keys (None when it cannot, or
+        when the server does not let us ask)."""
+        try:
+            policy = self._client.config_get("maxmemory-policy").get("maxmemory-policy", "")
+        except Exception:
+            return None
+        if str(policy).startswith("allkeys"):
+            return (
+                f"Redis maxmemory-policy is {policy}: it can evict the model control state; "
+                "use volatile-lru (cache entries have a TTL, control keys do not) or a separate "
+                "Redis for the cache"
+            )
+        return None
 
     def read(self) -> State | None:
         raw = self._client.get(self._state_key)
         return json.loads(raw) if raw else None
 
-    def update(self, change: Callable[[State | None], State]) -> State:
+    def update(self, change: Callable[[State | None], State], floor: int = 0) -> State:
         def attempt(pipe: Any) -> State:
             raw = pipe.get(self._state_key)
             current = json.loads(raw) if raw else None
-            new = {**change(current), "generation": (current or {}).get("generation", 0) + 1}
+            new = {**change(current), "generation": _next_generation(current, floor)}
             pipe.multi()
             pipe.set(self._state_key, json.dumps(new))
             return new
@@ -164,21 +212,10 @@ def make_store(settings: Any) -> ControlStore:
     """Redis when configured (or asked for), else the single-host file store."""
     backend = settings.control_backend
     if backend == "redis" or (backend == "auto" and settings.redis_url):
-        return RedisControlStore(settings.redis_url, settings.cache_prefix)
+        return RedisControlStore(settings.redis_url, settings.control_namespace)
     return FileControlStore(
         Path(settings.control_dir) if settings.control_dir else default_control_dir()
     )
-
-
-def parse_tag(tag: object) -> tuple[str, str]:
-    """``name:version`` of safe characters, or 422: no paths, URLs or encoded escapes."""
-    try:
-        return store_parse_tag(tag)  # type: ignore[arg-type]
-    except ValueError:
-        raise ValidationError(
-            "a model is named by its store tag, name:version, of lowercase letters, digits, "
-            "'_', '-' and '.'; paths, URLs and uploads are not accepted"
-        ) from None
 
 
 class Controller:
@@ -186,7 +223,7 @@ class Controller:
 
     def __init__(
         self,
-        core: ClassificationService,
+        core: ModelHost,
         store: ControlStore,
         *,
         poll_seconds: float = 0.2,
@@ -228,14 +265,7 @@ class Controller:
             await asyncio.sleep(self.poll)
         while not self._stop.is_set():
             try:
-                state = await asyncio.to_thread(self.store.read)
-                self.last_error = None
-                if state is not None and state["generation"] != self.applied:
-                    async with self._lock:
-                        await self._apply(state)
-                elif state is None and self.applied < 0:
-                    self.applied = 0
-                    await asyncio.to_thread(self._report)
+                await self.poll_once()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the store is down: keep serving what we have
@@ -245,6 +275,26 @@ class Controller:
                     # makes the worker unready); the record is applied once it can be read.
                     self.applied = 0
             await asyncio.sleep(self.poll)
+
+    async def poll_once(self) -> None:
+        """Read the record and apply it if it is newer than what this worker serves.
+
+        The read happens outside the lock (it may be slow), so an admin call on this worker can
+        publish and apply a newer generation meanwhile: the comparison is made again under the
+        lock, and a generation at or below the applied one is never applied.
+        """
+        state = await asyncio.to_thread(self.store.read)
+        self.last_error = None
+        if state is None:
+            if self.applied < 0:
+                self.applied = 0
+                await asyncio.to_thread(self._report)
+            return
+        if state["generation"] <= self.applied:
+            return
+        async with self._lock:
+            if state["generation"] > self.applied:
+                await self._apply(state)
 
     async def _apply(self, state: State) -> None:
         """Bring this worker to ``state``: load first, then defaults, then unload."""
@@ -261,7 +311,7 @@ class Controller:
                 registry.set_default(name, version)
         for tag in sorted(loaded - set(state["models"])):
             try:
-                await self.core.unload(tag)
+                await self.core.retire(tag)
             except MLServeError as exc:
                 errors[tag] = exc.message
         self.applied, self.errors = state["generation"], errors
@@ -350,7 +400,7 @@ class Controller:
 
     def _local_state(self) -> State:
         return {
-            "generation": 0,
+            "generation": max(self.applied, 0),
             "models": self.core.registry.tags(),
             "defaults": self.core.registry.defaults(),
         }
@@ -358,7 +408,9 @@ class Controller:
     async def _publish(self, change: Callable[[State], State]) -> State:
         base = self._local_state()
         try:
-            return await asyncio.to_thread(self.store.update, lambda cur: change(cur or base))
+            return await asyncio.to_thread(
+                self.store.update, lambda cur: change(cur or base), max(self.applied, 0)
+            )
         except MLServeError:
             raise
         except Exception as exc:
@@ -402,7 +454,7 @@ class Controller:
                 state = await self._publish(change)
             except BaseException:
                 if fresh is not None:
-                    await self.core.unload(tag)
+                    await self.core.retire(tag)
                 raise
             await self._apply(state)
         return await self._result("load", state)

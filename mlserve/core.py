@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import subprocess
 import time
 from dataclasses import dataclass
@@ -11,6 +14,7 @@ import numpy as np
 
 import mlserve
 from mlserve import observability as obs
+from mlserve.admin import AdminAudit
 from mlserve.balance import ConnectionBalancer
 from mlserve.batching import AdaptiveBatcher, BatchSlice
 from mlserve.cache import PredictionCache, make_backend
@@ -20,6 +24,11 @@ from mlserve.errors import MLServeError, ModelLoadError, ValidationError
 from mlserve.registry import LoadedModel, ModelLoader, ModelRegistry
 from mlserve.settings import Settings
 from runners import load_runner
+from runners.base import add_preprocess_ms
+
+log = logging.getLogger("mlserve.core")
+# Cleaning more characters than this per request runs off the event loop.
+_CLEAN_INLINE_CHARS = 20_000
 
 
 @dataclass
@@ -53,7 +62,10 @@ class Outcome:
 
 
 class ClassificationService:
-    """Loads the configured models and answers prediction requests through their batchers."""
+    """Loads the configured models and answers prediction requests through their batchers.
+
+    It is the :class:`mlserve.control.ModelHost` that the worker's controller drives.
+    """
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -68,20 +80,55 @@ class ClassificationService:
         self.loader = ModelLoader(
             desired["models"] if desired else settings.models, self.build, self.registry
         )
-        backend = make_backend(settings)
+        backend = make_backend(settings, on_circuit=obs.observe_cache_circuit)
         self.cache = (
             PredictionCache(backend, settings.cache_prefix, obs.observe_cache) if backend else None
         )
+        self.audit = AdminAudit(settings, self.control.worker_id)
         self.git_revision = _git_revision()
+        self._drift_task: asyncio.Task | None = None
 
     def start(self) -> None:
         """Begin loading models in the background."""
         obs.configure_threads(self.settings)
+        self._log_control_namespace()
         self.loader.start()
 
+    def _log_control_namespace(self) -> None:
+        where, namespace = self.control.store.where, self.settings.control_namespace
+        log.info("model control state: %s (namespace %r)", where, namespace)
+        if self.settings.redis_url and self.settings.control_backend != "file":
+            if namespace == "default":
+                log.warning(
+                    "MLSERVE_CONTROL_NAMESPACE is 'default' with Redis on: every deployment on "
+                    "this Redis with the default namespace shares (and changes) one set of "
+                    "models; give each deployment its own namespace"
+                )
+            warning = getattr(self.control.store, "eviction_warning", lambda: None)()
+            if warning:
+                log.warning(warning)
+
     async def start_control(self) -> None:
-        """Start following the shared desired state (inside the server's event loop)."""
+        """Start following the shared desired state, and the periodic drift computation
+        (inside the server's event loop)."""
         self.control.start()
+        self._drift_task = asyncio.get_running_loop().create_task(self._drift_loop())
+
+    async def _drift_loop(self) -> None:
+        """Recompute every loaded model's drift report, off the event loop, every
+        MLSERVE_DRIFT_INTERVAL_SECONDS: the gauge is then fresh for every scrape, and the drift
+        route serves the latest report without computing on the loop."""
+        while True:
+            await asyncio.sleep(self.settings.drift_interval_seconds)
+            try:
+                await asyncio.to_thread(self.refresh_drift)
+            except Exception:  # a report that cannot be built must not end the loop
+                log.exception("drift computation failed")
+
+    def refresh_drift(self) -> None:
+        for model in self.registry.list():
+            if model.drift is not None:
+                obs.observe_drift(model.tag, model.drift.refresh()["score"])
 
     def build(self, tag: str) -> LoadedModel:
         """Load, verify and warm up ``tag``, with a batcher of its own.
@@ -98,10 +145,11 @@ class ClassificationService:
                 f"{tag} could not be loaded ({type(exc).__name__}); its files may be corrupt"
             ) from exc
         batcher = AdaptiveBatcher(
-            runner.predict,
+            runner.infer,
             self.settings.max_batch_size,
             self.settings.max_latency_ms,
             on_batch=lambda n, queue_ms, timing: obs.observe_batch(tag, n, queue_ms, timing),
+            on_error=lambda kind: obs.observe_batcher_error(tag, kind),
         )
         drift = DriftMonitor.from_model_dir(
             runner.model.path,
@@ -141,10 +189,9 @@ class ClassificationService:
         self.registry.add(model)
         self.loader.status[model.tag] = "ready"
 
-    async def unload(self, tag: str) -> None:
-        """Take ``tag`` out of service, let the requests that hold it finish, then free it."""
-        import asyncio
-
+    async def retire(self, tag: str) -> None:
+        """Take ``tag`` out of this worker's service, let the requests that hold it finish,
+        then free it. (The fleet-wide, audited unload is ``control.unload``.)"""
         name, version = tag.split(":", 1)
         model = self.registry.remove(name, version)
         deadline = time.monotonic() + self.settings.infer_timeout_seconds + 1.0
@@ -157,10 +204,20 @@ class ClassificationService:
         del model
         await asyncio.to_thread(_reclaim_memory)
 
+    async def _clean(self, model: LoadedModel, texts: list[str]) -> tuple[list[str], float]:
+        """The texts as the model sees them, and the milliseconds cleaning took."""
+        start = time.perf_counter()
+        if sum(map(len, texts)) > _CLEAN_INLINE_CHARS:
+            cleaned = await asyncio.to_thread(model.runner.clean, texts)
+        else:
+            cleaned = model.runner.clean(texts)
+        return cleaned, (time.perf_counter() - start) * 1000.0
+
     async def _run(self, model: LoadedModel, texts: list[str], start: float) -> Outcome:
         timeout = self.settings.infer_timeout_seconds
+        cleaned, clean_ms = await self._clean(model, texts)
         if self.cache is None:
-            rows = await model.batcher.submit(texts, timeout)
+            rows = await model.batcher.submit(cleaned, timeout)
             cached = [False] * len(texts)
         else:
             timing: dict[str, float] = {}
@@ -173,14 +230,19 @@ class ClassificationService:
                     for p, i in zip(part.probabilities, part.predicted_index, strict=True)
                 ]
 
-            entries, cached = await self.cache.predict(model.tag, texts, compute)
+            runner = model.runner
+            entries, cached = await self.cache.predict(
+                runner.identity, cleaned, len(runner.labels), compute
+            )
             rows = BatchSlice(
                 probabilities=np.array([e["p"] for e in entries], dtype=np.float64),
                 predicted_index=np.array([e["i"] for e in entries], dtype=np.int64),
-                labels=model.runner.labels,
+                labels=runner.labels,
                 timing_ms=timing,
                 batch_size=int(timing.get("batch_size", 0)),
             )
+        rows.timing_ms = dict(rows.timing_ms)
+        add_preprocess_ms(rows.timing_ms, clean_ms)
         idx = rows.predicted_index
         confidence = rows.probabilities[np.arange(len(idx)), idx]
         obs.observe_predictions(model.tag, [rows.labels[int(i)] for i in idx], confidence)
@@ -189,13 +251,16 @@ class ClassificationService:
         return Outcome(model, rows, (time.perf_counter() - start) * 1000.0, cached)
 
     def drift_report(self, name: str, version: str) -> dict:
-        """The drift report of a loaded model (this worker's window); also updates the metric."""
+        """The latest drift report of a loaded model (this worker's window), computed now if
+        the periodic computation has not run yet. Call it off the event loop."""
         model = self.registry.get(name, version)
         if model.drift is None:
             return {"method": "psi", "available": False, "reason": "model has no drift reference"}
-        report = {"available": True, **model.drift.report()}
-        obs.observe_drift(model.tag, report["score"])
-        return report
+        report = model.drift.latest()
+        if report is None:
+            report = model.drift.refresh()
+            obs.observe_drift(model.tag, report["score"])
+        return {"available": True, **report}
 
     def stats(self) -> dict:
         """Figures for /admin/stats: metrics merged over all workers, plus this worker's models,
@@ -241,6 +306,8 @@ class ClassificationService:
             "models": dict(self.loader.status),
             "errors": dict(self.loader.errors),
             "control": {
+                "store": self.control.store.where,
+                "namespace": self.settings.control_namespace,
                 "generation": self.control.applied,
                 "errors": self.control.errors,
                 "store_error": self.control.last_error,
@@ -250,6 +317,11 @@ class ClassificationService:
         }
 
     async def aclose(self) -> None:
+        if self._drift_task is not None:
+            self._drift_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._drift_task
+        self.audit.flush()
         await self.control.aclose()
         for model in self.registry.list():
             await model.batcher.aclose()

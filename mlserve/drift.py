@@ -18,6 +18,7 @@ import json
 import math
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,17 @@ class DriftMonitor:
         self.threshold, self.min_n = threshold, min_n
         self._rows: collections.deque[tuple[str, int, float]] = collections.deque(maxlen=window)
         self._lock = threading.Lock()
+        self._latest: dict[str, Any] | None = None
+
+    def latest(self) -> dict[str, Any] | None:
+        """The report of the last :meth:`refresh`, or None before the first."""
+        return self._latest
+
+    def refresh(self) -> dict[str, Any]:
+        """Compute a report now (CPU work: call it off the event loop) and keep it."""
+        report = {**self.report(), "computed_at": round(time.time(), 3)}
+        self._latest = report
+        return report
 
     @classmethod
     def from_model_dir(cls, directory: Path, **kwargs: Any) -> DriftMonitor | None:

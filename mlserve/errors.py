@@ -14,11 +14,24 @@ class MLServeError(Exception):
         self.message = message
         self.details = details
 
-    def to_dict(self) -> dict[str, object]:
-        body: dict[str, object] = {"error": self.code, "message": self.message}
-        if self.details:
-            body["details"] = self.details
-        return body
+    def to_dict(self, request_id: str | None = None) -> dict[str, object]:
+        return error_body(self.code, self.message, request_id, self.details)
+
+
+def error_body(
+    code: str,
+    message: str,
+    request_id: str | None = None,
+    details: dict[str, object] | None = None,
+) -> dict[str, object]:
+    """The one JSON error body of every response: ``{"error", "message"[, "details"]
+    [, "request_id"]}``. Every error answer of the service is built here."""
+    body: dict[str, object] = {"error": code, "message": message}
+    if details:
+        body["details"] = details
+    if request_id is not None:
+        body["request_id"] = request_id
+    return body
 
 
 class BadRequestError(MLServeError):
@@ -45,6 +58,11 @@ class UnsupportedMediaTypeError(MLServeError):
 
 class ValidationError(MLServeError):
     status, code = 422, "validation_error"
+
+
+class InvalidTagError(ValidationError, ValueError):
+    """Not a ``name:version`` store tag of safe characters (a ``ValueError`` too, for callers
+    outside the HTTP layer)."""
 
 
 class RateLimitedError(MLServeError):

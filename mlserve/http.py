@@ -16,6 +16,9 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Literal
 
 import pydantic
 from starlette.applications import Starlette
@@ -24,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlserve import observability as obs
-from mlserve.admin import AuditLog, require_admin, require_api_key
+from mlserve.admin import require_admin, require_api_key
 from mlserve.core import ClassificationService, Outcome
 from mlserve.errors import (
     BadRequestError,
@@ -32,6 +35,7 @@ from mlserve.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
     ValidationError,
+    error_body,
 )
 from mlserve.schemas import (
     BatchPredictRequest,
@@ -117,6 +121,7 @@ def _batch_body(outcome: Outcome, rid: str) -> dict:
         "predictions": outcome.predictions(),
         "total_latency_ms": round(outcome.total_ms, 3),
         "model_version": outcome.model.tag,
+        "decision_rule": outcome.model.runner.calibrator.decision_rule,
         "request_id": rid,
         "timing": outcome.timing(),
     }
@@ -133,7 +138,6 @@ async def _classify(
 
 
 async def predict(request: Request, core: ClassificationService, rid: str) -> Response:
-    require_api_key(request.headers, core.settings)
     body = _parse(PredictRequest, await _json_body(request, core.settings.max_body_bytes))
     outcome = await _classify(request, core, rid, [body.text], body.model_version)
     return JSONResponse(
@@ -141,6 +145,7 @@ async def predict(request: Request, core: ClassificationService, rid: str) -> Re
             **outcome.predictions()[0],
             "latency_ms": round(outcome.total_ms, 3),
             "model_version": outcome.model.tag,
+            "decision_rule": outcome.model.runner.calibrator.decision_rule,
             "request_id": rid,
             "timing": outcome.timing(),
         }
@@ -148,7 +153,6 @@ async def predict(request: Request, core: ClassificationService, rid: str) -> Re
 
 
 async def batch_predict(request: Request, core: ClassificationService, rid: str) -> Response:
-    require_api_key(request.headers, core.settings)
     body = _parse(BatchPredictRequest, await _json_body(request, core.settings.max_body_bytes))
     outcome = await _classify(request, core, rid, body.texts, body.model_version)
     return JSONResponse(_batch_body(outcome, rid))
@@ -190,7 +194,6 @@ def _texts_from_upload(name: str, raw: bytes) -> list[str]:
 
 
 async def batch_predict_file(request: Request, core: ClassificationService, rid: str) -> Response:
-    require_api_key(request.headers, core.settings)
     _require_type(request, "multipart/form-data")
     await _read_body(request, core.settings.max_upload_bytes)
     try:
@@ -233,38 +236,78 @@ async def models(request: Request, core: ClassificationService, rid: str) -> Res
 async def model_detail(request: Request, core: ClassificationService, rid: str) -> Response:
     name, ver = request.path_params["name"], request.path_params["version"]
     model = core.registry.resolve(f"{name}:{ver}")
-    return JSONResponse({**model.summary(), "metadata": model.metadata})
+    return JSONResponse({**model.summary(), "metadata": public_metadata(model.metadata)})
 
 
-def _endpoint(route: str, handler: Handler, get_core: Callable[[], ClassificationService]):
+def public_metadata(metadata: dict) -> dict:
+    """A model's metadata as the API shows it: a training file's path on the training machine
+    is cut to its file name."""
+    dataset = metadata.get("dataset")
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("source"), str):
+        return metadata
+    source = dataset["source"]
+    name = PurePath(source.replace("\\", "/")).name
+    return {**metadata, "dataset": {**dataset, "source": name or source}}
+
+
+async def metrics(request: Request, core: ClassificationService, rid: str) -> Response:
+    body, content_type = await asyncio.to_thread(obs.render_metrics)
+    return Response(body, media_type=content_type)
+
+
+Auth = Literal["none", "api_key", "admin"]
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """One route of the API: its path template, handler, methods and who may call it."""
+
+    path: str
+    handler: Handler
+    methods: tuple[str, ...]
+    auth: Auth = "none"
+
+
+def _authorize(spec: RouteSpec, request: Request, core: ClassificationService) -> None:
+    """The route's access rule, in one place. An admin route's denial is counted and
+    summarised in the audit log (never one line per denied call)."""
+    if spec.auth == "api_key":
+        require_api_key(request.headers, core.settings)
+    elif spec.auth == "admin":
+        try:
+            request.state.actor = require_admin(request.headers.get("authorization"), core.settings)
+        except MLServeError as exc:
+            client = request.client.host if request.client else None
+            core.audit.denied(spec.path, exc.code, client)
+            raise
+
+
+def _endpoint(spec: RouteSpec, get_core: Callable[[], ClassificationService]):
     access = obs.json_logger("mlserve.access")
+    route, handler = spec.path, spec.handler
 
     async def endpoint(request: Request) -> Response:
         start = time.perf_counter()
         rid = _request_id(request)
         core = get_core()
         try:
+            _authorize(spec, request, core)
             response = await handler(request, core, rid)
         except MLServeError as exc:
             obs.observe_error(exc.code)
-            response = JSONResponse({**exc.to_dict(), "request_id": rid}, status_code=exc.status)
+            response = JSONResponse(exc.to_dict(rid), status_code=exc.status)
         except Exception:
             obs.observe_error("internal_error")
             access.exception("unhandled error", extra={"fields": {"request_id": rid}})
             response = JSONResponse(
-                {
-                    "error": "internal_error",
-                    "message": "unexpected server error",
-                    "request_id": rid,
-                },
-                status_code=500,
+                error_body("internal_error", "unexpected server error", rid), status_code=500
             )
         elapsed = time.perf_counter() - start
         response.headers["x-request-id"] = rid
         if core is not None and core.balancer.seen(request.client):
             response.headers["connection"] = "close"  # the client reconnects (mlserve.balance)
         obs.observe_request(route, response.status_code, elapsed)
-        if route not in ("/health", "/ready"):
+        if route not in ("/health", "/ready", "/metrics"):
             access.info(
                 "request",
                 extra={
@@ -285,15 +328,11 @@ def _endpoint(route: str, handler: Handler, get_core: Callable[[], Classificatio
 async def model_drift(request: Request, core: ClassificationService, rid: str) -> Response:
     name, ver = request.path_params["name"], request.path_params["version"]
     core.registry.resolve(f"{name}:{ver}")  # 422 for unsafe names, 404 for unknown ones
-    return JSONResponse(core.drift_report(name, ver))
+    # The periodic computation's latest report; the first one is computed off the event loop.
+    return JSONResponse(await asyncio.to_thread(core.drift_report, name, ver))
 
 
 async def admin_stats(request: Request, core: ClassificationService, rid: str) -> Response:
-    try:
-        require_admin(request.headers.get("authorization"), core.settings)
-    except MLServeError as exc:
-        _audit(request, core, rid, "stats", None, {}, exc)
-        raise
     return JSONResponse(await asyncio.to_thread(core.stats))
 
 
@@ -302,14 +341,14 @@ def _audit(
     core: ClassificationService,
     rid: str,
     action: str,
-    actor: str | None,
     target: dict,
     error: MLServeError | None,
     result: dict | None = None,
 ) -> None:
+    """Write one authenticated change (or its failure) to the audit log, durably."""
     entry = {
         "ts": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
-        "actor": actor,
+        "actor": getattr(request.state, "actor", None),
         "action": action,
         "target": target,
         "request_id": rid,
@@ -324,15 +363,9 @@ def _audit(
             lagging=result["lagging"],
         )
     elif error is not None:
-        denied = error.status in (401, 403)
-        entry.update(
-            result="denied" if denied else "error",
-            status=error.status,
-            error=error.code,
-            message=error.message,
-        )
+        entry.update(result="error", status=error.status, error=error.code, message=error.message)
     try:
-        AuditLog(core.settings.audit_log).write(entry)
+        core.audit.record(entry)
     except OSError:
         obs.json_logger("mlserve.access").error(
             "audit log write failed", extra={"fields": {"request_id": rid}}
@@ -343,9 +376,8 @@ def _admin_change(action: str, schema: type[pydantic.BaseModel], run: Callable) 
     """An authenticated, audited change to the loaded models (``run(core, body)``)."""
 
     async def handler(request: Request, core: ClassificationService, rid: str) -> Response:
-        actor, target = None, {}
+        target: dict = {}
         try:
-            actor = require_admin(request.headers.get("authorization"), core.settings)
             raw = await _json_body(request, core.settings.max_body_bytes)
             if isinstance(raw, dict):
                 # What was asked for, as sent (bounded: the log must not grow by request size).
@@ -355,12 +387,12 @@ def _admin_change(action: str, schema: type[pydantic.BaseModel], run: Callable) 
                     if isinstance(v, str | bool)
                 }
             body = _parse(schema, raw)
-            AuditLog(core.settings.audit_log).check()  # no change that could not be recorded
+            core.audit.log.check()  # no change that could not be recorded
             result = await run(core, body)
         except MLServeError as exc:
-            _audit(request, core, rid, action, actor, target, exc)
+            _audit(request, core, rid, action, target, exc)
             raise
-        _audit(request, core, rid, action, actor, target, None, result)
+        _audit(request, core, rid, action, target, None, result)
         return JSONResponse(result, status_code=200 if result["complete"] else 202)
 
     return handler
@@ -378,25 +410,25 @@ admin_unload = _admin_change(
 
 
 async def admin_models(request: Request, core: ClassificationService, rid: str) -> Response:
-    require_admin(request.headers.get("authorization"), core.settings)
     return JSONResponse(await asyncio.to_thread(core.control.status))
 
 
-ROUTES: list[tuple[str, Handler, list[str]]] = [
-    ("/predict", predict, ["POST"]),
-    ("/batch-predict", batch_predict, ["POST"]),
-    ("/batch-predict/file", batch_predict_file, ["POST"]),
-    ("/health", health, ["GET"]),
-    ("/ready", ready, ["GET"]),
-    ("/version", version, ["GET"]),
-    ("/models", models, ["GET"]),
-    ("/models/{name}/{version}", model_detail, ["GET"]),
-    ("/models/{name}/{version}/drift", model_drift, ["GET"]),
-    ("/admin/stats", admin_stats, ["GET"]),
-    ("/admin/models", admin_models, ["GET"]),
-    ("/admin/models/load", admin_load, ["POST"]),
-    ("/admin/models/default", admin_default, ["POST"]),
-    ("/admin/models/unload", admin_unload, ["POST"]),
+ROUTES: list[RouteSpec] = [
+    RouteSpec("/predict", predict, ("POST",), "api_key"),
+    RouteSpec("/batch-predict", batch_predict, ("POST",), "api_key"),
+    RouteSpec("/batch-predict/file", batch_predict_file, ("POST",), "api_key"),
+    RouteSpec("/health", health, ("GET",)),
+    RouteSpec("/ready", ready, ("GET",)),
+    RouteSpec("/metrics", metrics, ("GET",)),
+    RouteSpec("/version", version, ("GET",)),
+    RouteSpec("/models", models, ("GET",)),
+    RouteSpec("/models/{name}/{version}", model_detail, ("GET",)),
+    RouteSpec("/models/{name}/{version}/drift", model_drift, ("GET",), "api_key"),
+    RouteSpec("/admin/stats", admin_stats, ("GET",), "admin"),
+    RouteSpec("/admin/models", admin_models, ("GET",), "admin"),
+    RouteSpec("/admin/models/load", admin_load, ("POST",), "admin"),
+    RouteSpec("/admin/models/default", admin_default, ("POST",), "admin"),
+    RouteSpec("/admin/models/unload", admin_unload, ("POST",), "admin"),
 ]
 
 
@@ -418,9 +450,7 @@ class JsonNotFoundMiddleware:
                 headers = dict(message.get("headers") or [])
                 if headers.get(b"content-type", b"").startswith(b"text/plain"):
                     replaced = True
-                    body = json.dumps(
-                        {"error": "not_found", "message": f"no route for {scope['path']}"}
-                    ).encode()
+                    body = json.dumps(error_body("not_found", "no route for this path")).encode()
                     await send(
                         {
                             "type": "http.response.start",
@@ -443,15 +473,16 @@ class JsonNotFoundMiddleware:
 def create_app(get_core: Callable[[], ClassificationService]) -> Starlette:
     """The mlserve routes; ``get_core`` returns this worker's service core."""
     routes = [
-        Route(path, _endpoint(path, handler, get_core), methods=methods)
-        for path, handler, methods in ROUTES
+        Route(spec.path, _endpoint(spec, get_core), methods=list(spec.methods)) for spec in ROUTES
     ]
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
-        code = "not_found" if status == 404 else "method_not_allowed"
+        if status == 404:
+            return JSONResponse(error_body("not_found", "no route for this path"), 404)
         return JSONResponse(
-            {"error": code, "message": f"{request.method} {request.url.path}"}, status
+            error_body("method_not_allowed", f"{request.method} is not allowed on this route"),
+            status,
         )
 
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})

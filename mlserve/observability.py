@@ -61,7 +61,26 @@ class _Metrics:
             "Keep-alive connections closed after a response to spread clients over the workers.",
         )
         self.cache = Counter(
-            "mlserve_cache", "Prediction cache lookups by event: hit, miss, error.", ["event"]
+            "mlserve_cache",
+            "Prediction cache lookups by event: hit, miss, error (an unreachable backend, or a "
+            "stored value that is not an entry of the model: counted as a miss too).",
+            ["event"],
+        )
+        self.cache_circuit_open = Gauge(
+            "mlserve_cache_circuit_open",
+            "1 while a worker's Redis cache circuit breaker is open (requests skip the cache).",
+            multiprocess_mode="max",
+        )
+        self.batcher_errors = Counter(
+            "mlserve_batcher_errors",
+            "Batch consumer faults by model version and kind: hook (a batch hook raised), "
+            "deliver (a batch's results could not be handed out), restart (a consumer restarted).",
+            ["model_version", "kind"],
+        )
+        self.admin_denied = Counter(
+            "mlserve_admin_denied",
+            "Admin calls refused before any change, by route template and reason.",
+            ["route", "reason"],
         )
         self.drift = Gauge(
             "mlserve_drift_score",
@@ -122,6 +141,38 @@ def observe_connection_shed() -> None:
 def observe_cache(event: str, n: int) -> None:
     if n:
         metrics().cache.labels(event=event).inc(n)
+
+
+def observe_cache_circuit(is_open: bool) -> None:
+    metrics().cache_circuit_open.set(1 if is_open else 0)
+
+
+def observe_batcher_error(tag: str, kind: str) -> None:
+    metrics().batcher_errors.labels(model_version=tag, kind=kind).inc()
+
+
+def observe_admin_denied(route: str, reason: str) -> None:
+    metrics().admin_denied.labels(route=route, reason=reason).inc()
+
+
+def collector_registry() -> Any:
+    """Every worker's metrics, merged when BentoML runs several (multiprocess mode)."""
+    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return registry
+    return REGISTRY
+
+
+def render_metrics() -> tuple[bytes, str]:
+    """The Prometheus exposition served on /metrics."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    metrics()  # every family exists before the first request
+    return generate_latest(collector_registry()), CONTENT_TYPE_LATEST
 
 
 def observe_drift(tag: str, score: float) -> None:

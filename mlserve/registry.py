@@ -58,7 +58,14 @@ class LoadedModel:
             },
             "training_date": meta["training_date"],
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "identity": self.runner.identity,
+            "decision_rule": self.decision,
         }
+
+    @property
+    def decision(self) -> dict[str, Any]:
+        """How the label is chosen from the probabilities (see Calibrator.describe_decision)."""
+        return self.runner.calibrator.describe_decision(self.runner.labels)
 
 
 class ModelRegistry:

@@ -108,12 +108,33 @@ class Settings(BaseSettings):
     admin_enabled: bool = Field(True, description="Serve the /admin routes at all.")
     audit_log: str = Field(
         "logs/audit.jsonl",
-        description="Append-only JSON-lines log of every admin action (who, what, when, result).",
+        description="Append-only JSON-lines log of every authenticated admin call (who, what, "
+        "when, result), synced to disk; denied calls appear as rate-limited summaries.",
+    )
+    audit_max_bytes: int = Field(
+        10 * 1024 * 1024,
+        ge=1024,
+        description="Size at which the audit log is rotated (audit.jsonl -> audit.jsonl.1 ...).",
+    )
+    audit_backups: int = Field(5, ge=1, le=1000, description="Rotated audit log files kept.")
+    audit_denied_interval_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="Denied admin calls are written as at most one summary line per client per "
+        "this many seconds (every denial is counted in mlserve_admin_denied_total).",
     )
     control_backend: Literal["auto", "redis", "file"] = Field(
         "auto",
         description="Where workers share the desired model state: redis (across hosts; needs "
         "MLSERVE_REDIS_URL), file (one host) or auto (redis when a Redis URL is set).",
+    )
+    control_namespace: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Name of this deployment's shared model state in Redis "
+        "(mlserve:control:<namespace>:*). Deployments sharing a Redis must use different "
+        "namespaces, or a change on one applies to the other.",
     )
     control_dir: str = Field(
         "",
@@ -140,7 +161,8 @@ class Settings(BaseSettings):
     cache_prefix: str = Field(
         "mlserve",
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",
-        description="Prefix of every cache key (share a Redis between deployments safely).",
+        description="Prefix of every cache key. Keys also name the model's content, so "
+        "deployments can share cache entries safely.",
     )
 
     # --- drift --------------------------------------------------------------------------------
@@ -150,6 +172,13 @@ class Settings(BaseSettings):
     )
     drift_threshold: float = Field(
         0.2, gt=0, description="PSI above which a feature counts as drifted (0.2 = significant)."
+    )
+    drift_interval_seconds: float = Field(
+        15.0,
+        ge=0.5,
+        le=3600,
+        description="How often each worker recomputes drift (off the event loop) for "
+        "mlserve_drift_score and the drift route.",
     )
 
     # --- training -----------------------------------------------------------------------------

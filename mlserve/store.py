@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlserve.errors import ModelIntegrityError, ModelNotFoundError, ModelStoreError
+from mlserve.errors import (
+    InvalidTagError,
+    ModelIntegrityError,
+    ModelNotFoundError,
+    ModelStoreError,
+)
 from mlserve.settings import TAG_RE
 
 # Files BentoML itself writes into every model directory; they are not model weights.
@@ -44,10 +49,15 @@ def hash_directory(root: Path) -> dict[str, str]:
     return out
 
 
-def parse_tag(tag: str) -> tuple[str, str]:
-    """Split ``name:version``; raise ``ValueError`` for anything else."""
+def parse_tag(tag: object) -> tuple[str, str]:
+    """Split ``name:version``; anything else raises :class:`InvalidTagError` (a 422, and a
+    ``ValueError``): no paths, URLs, encoded escapes or other types."""
     if not isinstance(tag, str) or not TAG_RE.match(tag):
-        raise ValueError(f"not a name:version tag of safe characters: {tag!r}")
+        raise InvalidTagError(
+            f"not a name:version tag of safe characters: {str(tag)[:80]!r}; a model is named by "
+            "its store tag, of lowercase letters, digits, '_', '-' and '.'; paths, URLs and "
+            "uploads are not accepted"
+        )
     name, version = tag.split(":", 1)
     return name, version
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import abc
+import hashlib
 import importlib
+import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 
 from mlserve.errors import ModelIntegrityError
+from mlserve.preprocessing import CleaningConfig, clean_texts
 from mlserve.store import StoredModel, open_model
 
 # family name (as recorded in a model's metadata) -> "module:Class"
@@ -34,8 +39,17 @@ class BatchResult:
         return [self.labels[i] for i in self.predicted_index]
 
 
+def add_preprocess_ms(timing: dict[str, float], ms: float) -> None:
+    """Count cleaning (done before the batch) into a batch's preprocess stage."""
+    timing["preprocess_ms"] = timing.get("preprocess_ms", 0.0) + ms
+
+
 class Runner(abc.ABC):
-    """Wraps one stored model version. Batch-native: one text is a batch of one."""
+    """Wraps one stored model version. Batch-native: one text is a batch of one.
+
+    ``predict(texts)`` is ``infer(clean(texts))``: the server cleans a request's texts once,
+    keys its cache on exactly what the model will see, and batches only the cleaned texts.
+    """
 
     family: str = ""
 
@@ -43,15 +57,49 @@ class Runner(abc.ABC):
         self.model = model
         self.tag = model.tag
         self.labels = model.labels
+        self.cleaning = CleaningConfig(**model.metadata["preprocessing"]["cleaning"])
         self.loaded = False
 
     @abc.abstractmethod
     def load(self) -> None:
         """Read the verified files into memory (and onto the device)."""
 
+    def clean(self, texts: list[str]) -> list[str]:
+        """The texts as this model sees them (its own stored cleaning)."""
+        return clean_texts(texts, self.cleaning)
+
     @abc.abstractmethod
+    def infer(self, cleaned: list[str]) -> BatchResult:
+        """Calibrated class probabilities for already cleaned texts, in input order."""
+
     def predict(self, texts: list[str]) -> BatchResult:
-        """Calibrated class probabilities for ``texts``, in input order."""
+        """Calibrated class probabilities for raw ``texts``, in input order."""
+        start = time.perf_counter()
+        cleaned = self.clean(texts)
+        clean_ms = (time.perf_counter() - start) * 1000.0
+        result = self.infer(cleaned)
+        add_preprocess_ms(result.timing_ms, clean_ms)
+        return result
+
+    def serving_options(self) -> dict[str, Any]:
+        """Options of this server that change the model's answers (none by default)."""
+        return {}
+
+    @cached_property
+    def identity(self) -> str:
+        """A digest of everything that decides this model's answers: every file's sha256, the
+        labels, the cleaning and the serving options. Two models with one identity answer
+        alike; a retrained or re-imported tag gets a new one."""
+        meta = self.model.metadata
+        content = {
+            "family": self.family,
+            "files": meta.get("files", {}),
+            "labels": self.labels,
+            "cleaning": self.cleaning.model_dump(),
+            "options": self.serving_options(),
+        }
+        blob = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
 
     def warmup(self) -> None:
         """Run a couple of batches so the first real request pays no start-up cost."""

@@ -16,7 +16,6 @@ import numpy as np
 
 from mlserve.calibration import Calibrator
 from mlserve.errors import ModelIntegrityError
-from mlserve.preprocessing import CleaningConfig, clean_texts
 from mlserve.settings import get_settings
 from runners.base import BatchResult, Runner, Stopwatch
 
@@ -182,7 +181,6 @@ class ClassicalRunner(Runner):
 
     def load(self) -> None:
         meta, path = self.model.metadata, self.model.path
-        self.cleaning = CleaningConfig(**meta["preprocessing"]["cleaning"])
         self.vectorizer = TfidfUnion.load(path / "tfidf.json")
         self.proba = load_estimator(
             meta["estimator"]["kind"], path, n_threads=get_settings().blas_threads
@@ -191,9 +189,9 @@ class ClassicalRunner(Runner):
         self.calibrator = Calibrator.from_dict(cal)
         self.loaded = True
 
-    def predict(self, texts: list[str]) -> BatchResult:
+    def infer(self, cleaned: list[str]) -> BatchResult:
         watch = Stopwatch()
-        features = self.vectorizer.transform(clean_texts(texts, self.cleaning))
+        features = self.vectorizer.transform(cleaned)
         watch.lap("preprocess_ms")
         raw = self.proba(features)
         watch.lap("model_ms")

@@ -17,7 +17,6 @@ import numpy as np
 
 from mlserve.calibration import Calibrator
 from mlserve.errors import ServiceUnavailableError
-from mlserve.preprocessing import CleaningConfig, clean_texts
 from mlserve.settings import get_settings
 from runners.base import BatchResult, Runner, Stopwatch
 
@@ -137,23 +136,28 @@ class TransformerRunner(Runner):
 
         settings = get_settings()
         torch.set_num_threads(settings.effective_torch_threads)
-        meta, path = self.model.metadata, self.model.path
+        path = self.model.path
         self.device = pick_device(settings.device)
-        self.cleaning = CleaningConfig(**meta["preprocessing"]["cleaning"])
-        max_tokens = min(settings.max_tokens, int(meta["preprocessing"]["max_tokens"]))
-        self.encoder = MiniLMEncoder(path / "encoder", self.device, max_tokens=max_tokens)
+        self.encoder = MiniLMEncoder(path / "encoder", self.device, max_tokens=self.max_tokens)
         head = load_file(str(path / "head.safetensors"), device=self.device)
         self.weight, self.bias = head["weight"], head["bias"]
         cal = json.loads((path / "calibration.json").read_text(encoding="utf-8"))
         self.calibrator = Calibrator.from_dict(cal)
         self.loaded = True
 
-    def predict(self, texts: list[str]) -> BatchResult:
+    @property
+    def max_tokens(self) -> int:
+        """Inputs are truncated to this many tokens: the server's limit or the model's."""
+        stored = int(self.model.metadata["preprocessing"]["max_tokens"])
+        return min(get_settings().max_tokens, stored)
+
+    def serving_options(self) -> dict[str, Any]:
+        return {"max_tokens": self.max_tokens}
+
+    def infer(self, cleaned: list[str]) -> BatchResult:
         import torch
 
         watch = Stopwatch()
-        cleaned = clean_texts(texts, self.cleaning)
-        watch.lap("preprocess_ms")
         try:
             emb = self.encoder.embed(cleaned)
             logits = (emb @ self.weight.T + self.bias).float().cpu().numpy()

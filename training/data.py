@@ -182,7 +182,8 @@ def load_file(path: Path, text_col: str = "text", label_col: str = "label") -> D
             continue
         texts.append(str(text).strip())
         labels.append(str(label).strip())
-    return Dataset(path.stem, texts, labels, source=str(path)).validate()
+    # The file name only: a path on the training machine must not travel with the model.
+    return Dataset(path.stem, texts, labels, source=path.name).validate()
 
 
 def load_named(name: str) -> Dataset:

@@ -163,3 +163,51 @@ def test_aclose_fails_queued_and_running_requests_with_503_at_once() -> None:
     results, elapsed = run(go())
     assert all(isinstance(r, ServiceUnavailableError) for r in results)
     assert elapsed < 1.0
+
+
+def test_a_raising_batch_hook_neither_fails_requests_nor_ends_the_consumer() -> None:
+    model = LengthModel()
+    errors: list[str] = []
+
+    def hook(n, queue_ms, timing):
+        raise RuntimeError("metrics backend broke")
+
+    batcher = AdaptiveBatcher(model, 8, 0, on_batch=hook, on_error=errors.append)
+
+    async def go():
+        first = await batcher.submit(["ab"], timeout=2)
+        second = await batcher.submit(["abc"], timeout=2)  # the same consumer serves it
+        return first, second, batcher._task.done()
+
+    first, second, ended = run(go())
+    assert first.predicted_index.tolist() == [0] and second.predicted_index.tolist() == [1]
+    assert not ended and errors == ["hook", "hook"]
+
+
+def test_a_fault_delivering_a_batch_fails_that_batch_only_and_serving_goes_on() -> None:
+    """A result that cannot be handed out (a runner bug): the requests of that batch get the
+    error at once, not a 504 later, and the next requests are served."""
+    errors: list[str] = []
+    calls = 0
+
+    def flaky(texts):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return None  # not a BatchResult: slicing it raises
+        return LengthModel()(texts)
+
+    batcher = AdaptiveBatcher(flaky, 8, 0, on_error=errors.append)
+
+    async def go():
+        start = time.perf_counter()
+        with pytest.raises(AttributeError):
+            await batcher.submit(["ab"], timeout=5)
+        failed_after = time.perf_counter() - start
+        ok = await batcher.submit(["abc"], timeout=5)
+        return failed_after, ok, batcher._task.done()
+
+    failed_after, ok, ended = run(go())
+    assert failed_after < 1.0  # not left to the 5 s deadline
+    assert ok.predicted_index.tolist() == [1] and not ended
+    assert errors == ["deliver"]

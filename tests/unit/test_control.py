@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from mlserve.balance import ConnectionBalancer
-from mlserve.control import Controller, FileControlStore, RedisControlStore, parse_tag
+from mlserve.control import Controller, FileControlStore, RedisControlStore
 from mlserve.errors import (
     ModelIntegrityError,
     ModelNotFoundError,
@@ -22,14 +22,14 @@ from mlserve.errors import (
     ValidationError,
 )
 from mlserve.registry import LoadedModel, ModelRegistry
-from mlserve.store import StoredModel
+from mlserve.store import StoredModel, parse_tag
 from tests.unit.conftest import REDIS_URL
 
 STORE = {"sentiment:v1", "sentiment:v2", "sentiment:v3", "topic:v1"}
 
 
 class Core:
-    """What a Controller needs of ClassificationService: a registry, a loader and build."""
+    """A ModelHost (what a Controller drives): a registry, a loader, build, serve, retire."""
 
     def __init__(self, models: list[str], max_loaded: int = 3):
         self.settings = SimpleNamespace(
@@ -59,7 +59,7 @@ class Core:
     def serve(self, model: LoadedModel) -> None:
         self.registry.add(model)
 
-    async def unload(self, tag: str) -> None:
+    async def retire(self, tag: str) -> None:
         self.registry.remove(*tag.split(":"))
         self.closed.append(tag)
 
@@ -323,3 +323,111 @@ def test_heartbeats_share_connection_counts_and_set_the_surplus_to_close(store) 
     reported, (a_budget, b_budget) = asyncio.run(scenario())
     assert reported == {"host:0": 20, "host:1": 4}
     assert (a_budget, b_budget) == (8, 0)  # fair share 12: a closes 8, b none
+
+
+def test_a_stale_read_never_undoes_a_newer_generation(store) -> None:
+    """The reconcile loop reads generation N (slowly, outside the lock) while an admin call on
+    the same worker publishes and applies N+1; the loop must not then apply N (which would
+    unload the version that was just loaded). Deterministic: the loop's read is held open with
+    events until the admin call has finished."""
+
+    class HeldStore(FileControlStore):
+        def __init__(self, directory):
+            super().__init__(directory)
+            self.hold = False
+            import threading
+
+            self.read_done, self.release = threading.Event(), threading.Event()
+
+        def read(self):
+            state = super().read()
+            if self.hold:
+                self.hold = False
+                self.read_done.set()
+                self.release.wait(5)
+            return state
+
+    async def scenario(held: HeldStore):
+        (a,) = workers(held, 1)
+        a.poll = 3600  # no background polls: this test drives poll_once itself
+        await started([a])
+        await a.load("sentiment:v2", make_default=False)  # generation 1, applied
+        held.hold = True
+        poll = asyncio.create_task(a.poll_once())  # reads generation 1 ... and waits
+        await asyncio.to_thread(held.read_done.wait, 5)
+        # Generation 2, published and applied by this worker while the poll holds a stale read.
+        await a.unload("sentiment:v2")
+        newer = a.applied
+        held.release.set()
+        await poll
+        applied_after, tags = a.applied, a.core.registry.tags()
+        await closed([a])
+        return newer, applied_after, tags, a.core.built
+
+    held = HeldStore(store.dir)
+    newer, applied_after, tags, built = asyncio.run(scenario(held))
+    assert newer == 2 and applied_after == 2
+    assert tags == ["sentiment:v1", "topic:v1"]
+    assert built.count("sentiment:v2") == 1  # generation 1 was not applied (reloaded) again
+
+
+def test_a_generation_never_goes_back_after_the_record_is_lost(store) -> None:
+    async def scenario():
+        (a,) = workers(store, 1)
+        await started([a])
+        await a.load("sentiment:v2", make_default=False)
+        await a.set_default("sentiment", "v2")  # generation 2
+        (store.dir / "state.json").unlink()  # the record is lost (a flushed Redis, say)
+        result = await a.unload("sentiment:v1")
+        await closed([a])
+        return result
+
+    result = asyncio.run(scenario())
+    assert result["generation"] == 3 and result["complete"]
+
+
+@pytest.mark.redis
+def test_two_namespaces_on_one_redis_stay_independent(redis_prefix) -> None:
+    async def scenario():
+        staging = RedisControlStore(REDIS_URL, f"{redis_prefix}-staging")
+        production = RedisControlStore(REDIS_URL, f"{redis_prefix}-production")
+        (s,) = workers(staging, 1)
+        (p,) = workers(production, 1)
+        p.worker_id = "prod-host:1"
+        await started([s, p])
+        await p.load("sentiment:v2", make_default=True)
+        await s.load("sentiment:v3", make_default=True)
+        await s.unload("sentiment:v1")
+        await asyncio.sleep(0.1)  # several polls
+        await closed([s, p])
+        return s, p, staging, production
+
+    s, p, staging, production = asyncio.run(scenario())
+    assert p.core.registry.tags() == ["sentiment:v1", "sentiment:v2", "topic:v1"]
+    assert p.core.registry.defaults()["sentiment"] == "v2"
+    assert s.core.registry.tags() == ["sentiment:v3", "topic:v1"]
+    assert production.read()["models"] == ["sentiment:v1", "sentiment:v2", "topic:v1"]
+    assert staging.where != production.where
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    for namespace in (f"{redis_prefix}-staging", f"{redis_prefix}-production"):
+        client.delete(f"mlserve:control:{namespace}:state", f"mlserve:control:{namespace}:workers")
+
+
+@pytest.mark.redis
+def test_an_allkeys_eviction_policy_is_warned_about(redis_prefix) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    before = client.config_get("maxmemory-policy")["maxmemory-policy"]
+    store = RedisControlStore(REDIS_URL, redis_prefix)
+    try:
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        warning = store.eviction_warning()
+        client.config_set("maxmemory-policy", "volatile-lru")
+        quiet = store.eviction_warning()
+    finally:
+        client.config_set("maxmemory-policy", before)
+    assert warning and "allkeys-lru" in warning and "volatile-lru" in warning
+    assert quiet is None

@@ -40,7 +40,7 @@ def test_csv_good_file(tmp_path: Path) -> None:
     assert ds.texts == ["Great, really great", "awful", "two\nlines", "café ok"]
     assert ds.labels == ["pos", "neg", "neg", "pos"]
     assert ds.name == "reviews"
-    assert ds.source == str(path)
+    assert ds.source == path.name
     assert ds.classes == ["neg", "pos"]
     assert ds.class_counts() == {"neg": 2, "pos": 2}
     assert ds.notes == []
