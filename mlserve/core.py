@@ -115,9 +115,9 @@ class ClassificationService:
         self._drift_task = asyncio.get_running_loop().create_task(self._drift_loop())
 
     async def _drift_loop(self) -> None:
-        """Recompute every loaded model's drift report, off the event loop, every
-        MLSERVE_DRIFT_INTERVAL_SECONDS: the gauge is then fresh for every scrape, and the drift
-        route serves the latest report without computing on the loop."""
+        """Bring every loaded model's drift report up to date, off the event loop, every
+        MLSERVE_DRIFT_INTERVAL_SECONDS: the gauge is then fresh for every scrape with nobody
+        calling the drift route (which shares the same reports)."""
         while True:
             await asyncio.sleep(self.settings.drift_interval_seconds)
             try:
@@ -128,7 +128,7 @@ class ClassificationService:
     def refresh_drift(self) -> None:
         for model in self.registry.list():
             if model.drift is not None:
-                obs.observe_drift(model.tag, model.drift.refresh()["score"])
+                obs.observe_drift(model.tag, model.drift.current()["score"])
 
     def build(self, tag: str) -> LoadedModel:
         """Load, verify and warm up ``tag``, with a batcher of its own.
@@ -251,15 +251,13 @@ class ClassificationService:
         return Outcome(model, rows, (time.perf_counter() - start) * 1000.0, cached)
 
     def drift_report(self, name: str, version: str) -> dict:
-        """The latest drift report of a loaded model (this worker's window), computed now if
-        the periodic computation has not run yet. Call it off the event loop."""
+        """A loaded model's drift report for this worker's window as it is now (reused while
+        no input arrived since it was computed). CPU work: call it off the event loop."""
         model = self.registry.get(name, version)
         if model.drift is None:
             return {"method": "psi", "available": False, "reason": "model has no drift reference"}
-        report = model.drift.latest()
-        if report is None:
-            report = model.drift.refresh()
-            obs.observe_drift(model.tag, report["score"])
+        report = model.drift.current()
+        obs.observe_drift(model.tag, report["score"])
         return {"available": True, **report}
 
     def stats(self) -> dict:

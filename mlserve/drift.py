@@ -94,16 +94,18 @@ class DriftMonitor:
         self.threshold, self.min_n = threshold, min_n
         self._rows: collections.deque[tuple[str, int, float]] = collections.deque(maxlen=window)
         self._lock = threading.Lock()
-        self._latest: dict[str, Any] | None = None
+        self._seen = 0  # inputs observed so far: a report is current while this is unchanged
+        self._latest: tuple[int, dict[str, Any]] | None = None
 
-    def latest(self) -> dict[str, Any] | None:
-        """The report of the last :meth:`refresh`, or None before the first."""
-        return self._latest
-
-    def refresh(self) -> dict[str, Any]:
-        """Compute a report now (CPU work: call it off the event loop) and keep it."""
+    def current(self) -> dict[str, Any]:
+        """The report of the window as it is now: the last one computed if no input arrived
+        since, else computed now (CPU work: call it off the event loop)."""
+        with self._lock:
+            seen, latest = self._seen, self._latest
+        if latest is not None and latest[0] == seen:
+            return latest[1]
         report = {**self.report(), "computed_at": round(time.time(), 3)}
-        self._latest = report
+        self._latest = (seen, report)
         return report
 
     @classmethod
@@ -122,6 +124,7 @@ class DriftMonitor:
         rows = zip(texts, pred.tolist(), conf.tolist(), strict=True)
         with self._lock:
             self._rows.extend(rows)
+            self._seen += len(texts)
 
     def report(self) -> dict[str, Any]:
         with self._lock:

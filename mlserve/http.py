@@ -328,7 +328,7 @@ def _endpoint(spec: RouteSpec, get_core: Callable[[], ClassificationService]):
 async def model_drift(request: Request, core: ClassificationService, rid: str) -> Response:
     name, ver = request.path_params["name"], request.path_params["version"]
     core.registry.resolve(f"{name}:{ver}")  # 422 for unsafe names, 404 for unknown ones
-    # The periodic computation's latest report; the first one is computed off the event loop.
+    # Computed off the event loop (or reused, if no input arrived since the last report).
     return JSONResponse(await asyncio.to_thread(core.drift_report, name, ver))
 
 

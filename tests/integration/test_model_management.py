@@ -356,20 +356,29 @@ def test_the_audit_log_records_every_admin_action(client, audit_path: Path) -> N
     raw = audit_path.read_text()
     assert TOKEN not in raw  # the token itself is never written
     entries = [json.loads(line) for line in raw.splitlines()]
-    for entry in entries:
+    changes = [e for e in entries if e["action"] != "denied"]
+    for entry in changes:
         assert {"ts", "actor", "action", "target", "result", "status", "worker"} <= set(entry)
-    last3 = entries[-3:]
-    assert [(e["action"], e["result"], e["status"]) for e in last3] == [
+        assert entry["actor"] == token_id(TOKEN)  # only authenticated calls are written in full
+    last2 = changes[-2:]
+    assert [(e["action"], e["result"], e["status"]) for e in last2] == [
         ("load", "error", 404),
-        ("unload", "denied", 401),
         ("default", "ok", 200),
     ]
-    assert last3[0]["actor"] == last3[2]["actor"] == token_id(TOKEN)
-    assert last3[0]["target"] == {"tag": "sentiment:v9"} and last3[0]["error"] == "model_not_found"
-    assert last3[1]["actor"] is None
-    assert last3[2]["generation"] >= 1
+    assert last2[0]["target"] == {"tag": "sentiment:v9"} and last2[0]["error"] == "model_not_found"
+    assert last2[1]["generation"] >= 1
+    # Denied calls (this module's auth tests sent many) are summarised, never one line each.
+    denials = [e for e in entries if e["action"] == "denied"]
+    assert denials and all(e["client"] == "127.0.0.1" and e["count"] >= 1 for e in denials)
+    # This module made 16+ denied calls within a few minutes; each worker writes at most one
+    # line per client per minute.
+    assert len(denials) < 16
+    metrics = client.get("/metrics").text
+    assert 'mlserve_admin_denied_total{reason="unauthorized",route="/admin/models/unload"}' in (
+        metrics
+    )
     # Every successful change so far was recorded, by both workers into the one file.
-    assert {e["worker"] for e in entries if e["result"] == "ok"} and len(entries) >= 20
+    assert {e["worker"] for e in changes if e["result"] == "ok"} and len(changes) >= 20
 
 
 # --- the CLI against the running server -----------------------------------------------------

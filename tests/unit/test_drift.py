@@ -65,3 +65,13 @@ def test_no_flag_before_the_minimum_window(reference) -> None:
     mon.observe(texts(20), np.zeros(20, dtype=int), np.ones(20))
     report = mon.report()
     assert report["score"] > 0.2 and not report["drifted"]
+
+
+def test_a_report_is_reused_until_new_inputs_arrive(reference) -> None:
+    monitor = DriftMonitor(reference, window=50, threshold=0.2, min_n=5)
+    empty = monitor.current()
+    assert empty["window_size"] == 0 and monitor.current() is empty  # nothing new: reused
+    monitor.observe(["a text"] * 3, np.array([0, 0, 0]), np.array([0.9, 0.9, 0.9]))
+    fresh = monitor.current()
+    assert fresh is not empty and fresh["window_size"] == 3 and fresh["computed_at"] > 0
+    assert monitor.current() is fresh
