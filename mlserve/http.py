@@ -382,6 +382,14 @@ async def admin_models(request: Request, core: ClassificationService, rid: str) 
     return JSONResponse(await asyncio.to_thread(core.control.status))
 
 
+async def admin_config(request: Request, core: ClassificationService, rid: str) -> Response:
+    """The server's effective configuration: each value's source, secrets masked."""
+    from mlserve.config import effective_config
+
+    require_admin(request.headers.get("authorization"), core.settings)
+    return JSONResponse(effective_config(core.settings))
+
+
 ROUTES: list[tuple[str, Handler, list[str]]] = [
     ("/predict", predict, ["POST"]),
     ("/batch-predict", batch_predict, ["POST"]),
@@ -397,6 +405,7 @@ ROUTES: list[tuple[str, Handler, list[str]]] = [
     ("/admin/models/load", admin_load, ["POST"]),
     ("/admin/models/default", admin_default, ["POST"]),
     ("/admin/models/unload", admin_unload, ["POST"]),
+    ("/admin/config", admin_config, ["GET"]),
 ]
 
 

@@ -149,3 +149,37 @@ def test_cli_config_example_prints_the_example() -> None:
     result = CliRunner().invoke(app, ["config", "example"])
     assert result.exit_code == 0
     assert result.output == example_yaml()
+
+
+# --- GET /admin/config ---------------------------------------------------------------------------
+
+
+def _client(settings: Settings):
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from mlserve.http import create_app
+
+    core = SimpleNamespace(settings=settings, balancer=SimpleNamespace(seen=lambda client: False))
+    return TestClient(create_app(lambda: core))
+
+
+def test_admin_config_route() -> None:
+    Path("config.yaml").write_text("batching: {max_batch_size: 8}\n")
+    client = _client(Settings(admin_token=TOKEN, api_keys=[KEY]))
+    assert client.get("/admin/config").status_code == 401
+    bad = client.get("/admin/config", headers={"Authorization": f"Bearer {KEY}"})
+    assert bad.status_code == 401
+    response = client.get("/admin/config", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["values"]["batching"]["max_batch_size"] == 8
+    assert body["sources"]["batching"]["max_batch_size"] == "file"
+    assert body["values"]["admin"]["token"] == MASK
+    assert TOKEN not in response.text and KEY not in response.text
+
+
+def test_admin_config_route_is_off_without_a_token() -> None:
+    response = _client(Settings()).get("/admin/config", headers={"Authorization": "Bearer x"})
+    assert response.status_code == 403
