@@ -337,6 +337,9 @@ def serve_cmd(
         )
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    # The workers import the service from `root`, not from here: hand them the configuration
+    # file read here (by its absolute path), or none, so they use what `mlserve config show` shows.
+    env["MLSERVE_CONFIG_FILE"] = settings.config_file_read or ""
     root = Path(__file__).resolve().parent.parent
     if not (root / "service.py").is_file():
         raise _fail(f"service.py not found beside the mlserve package ({root})")

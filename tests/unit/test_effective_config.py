@@ -183,3 +183,22 @@ def test_admin_config_route() -> None:
 def test_admin_config_route_is_off_without_a_token() -> None:
     response = _client(Settings()).get("/admin/config", headers={"Authorization": "Bearer x"})
     assert response.status_code == 403
+
+
+def test_cli_serve_hands_the_file_read_here_to_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers import the service from the project folder; they get the file read here."""
+    import subprocess
+
+    seen: dict = {}
+    monkeypatch.setattr(subprocess, "call", lambda cmd, env: seen.update(env=env) or 0)
+    path = Path("config.yaml").absolute()
+    path.write_text("cache: {ttl_seconds: 5}\n")
+    assert CliRunner().invoke(app, ["serve"]).exit_code == 0
+    assert seen["env"]["MLSERVE_CONFIG_FILE"] == str(path)
+    path.unlink()
+    assert CliRunner().invoke(app, ["serve"]).exit_code == 0
+    assert seen["env"]["MLSERVE_CONFIG_FILE"] == ""
+    path.write_text("cache: {ttl_seconds: 0}\n")
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 1
+    assert "key cache.ttl_seconds" in result.output
