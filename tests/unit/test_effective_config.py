@@ -202,3 +202,21 @@ def test_cli_serve_hands_the_file_read_here_to_the_workers(monkeypatch: pytest.M
     result = CliRunner().invoke(app, ["serve"])
     assert result.exit_code == 1
     assert "key cache.ttl_seconds" in result.output
+
+
+def test_cli_config_show_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlserve.cli
+
+    config = effective_config(Settings(admin_token=TOKEN, max_batch_size=4))
+    calls = []
+
+    def fake_admin_call(server, method, path):
+        calls.append((server, method, path))
+        return 200, config
+
+    monkeypatch.setattr(mlserve.cli, "_admin_call", fake_admin_call)
+    result = CliRunner().invoke(app, ["config", "show", "--server", "http://srv:3000"])
+    assert result.exit_code == 0, result.output
+    assert calls == [("http://srv:3000", "GET", "/admin/config")]
+    assert result.output == render_yaml(config)
+    assert yaml.safe_load(result.output)["batching"]["max_batch_size"] == 4
