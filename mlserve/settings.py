@@ -483,7 +483,8 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             explained = built[-1].explain(exc) if built else None
             if explained is not None:
-                raise explained from exc
+                # Not chained: pydantic's message would repeat the input, secrets included.
+                raise explained from None
             raise
         finally:
             _BUILDING.reset(token)

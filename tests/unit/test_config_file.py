@@ -233,7 +233,12 @@ def test_unsafe_tag() -> None:
 
 
 def test_short_admin_token_is_refused_without_showing_it() -> None:
+    import traceback
+
     message = refused("admin:\n  enabled: true\n  token: tooshort123\n")
+    with pytest.raises(ConfigFileError) as info:
+        Settings()
+    assert "tooshort123" not in "".join(traceback.format_exception(info.value))
     assert "line 3, key admin.token: Value error, MLSERVE_ADMIN_TOKEN must be at least" in message
     assert "tooshort123" not in message
 
