@@ -126,3 +126,21 @@ def test_the_files_batch_size_caps_every_batch(configured) -> None:
     count, total, within = (a - b for a, b in zip(batches(server.url, "sentiment:v1"), before))
     assert total == n  # every text went through exactly one batch
     assert within == count, f"a batch was larger than the file's {MAX_BATCH}"
+
+
+def test_a_bad_file_stops_the_server_at_start(tmp_path) -> None:
+    """Not half-configured: the service's settings raise at import, and the server exits."""
+    from tests.integration.conftest import REPO, _free_port, clean_env, launch
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("models: [sentiment:v1]\ncache:\n  ttl_seconds: 0\n")
+    env = clean_env(BENTOML_HOME=str(tmp_path / "home"), MLSERVE_CONFIG_FILE=str(path))
+    target = ["service:MLServe", "--working-dir", str(REPO)]
+    server = launch(target, _free_port(), env, tmp_path, tmp_path / "server.log")
+    try:
+        rc = server.proc.wait(timeout=120)
+    finally:
+        server.stop()
+    log = server.log()
+    assert rc != 0, log
+    assert f"{path}, line 3, key cache.ttl_seconds: Input should be greater than" in log, log
