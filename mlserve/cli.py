@@ -337,6 +337,9 @@ def serve_cmd(
         )
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    # The workers import the service from `root`, not from here: hand them the configuration
+    # file read here (by its absolute path), or none, so they use what `mlserve config show` shows.
+    env["MLSERVE_CONFIG_FILE"] = settings.config_file_read or ""
     root = Path(__file__).resolve().parent.parent
     if not (root / "service.py").is_file():
         raise _fail(f"service.py not found beside the mlserve package ({root})")
@@ -467,6 +470,60 @@ def stats_cmd(
     console.print(models)
     if "desired" in stats.get("control", {}):
         _print_server_models(stats["control"])
+
+
+config_app = typer.Typer(
+    help="The configuration: the effective settings and the example configuration file.",
+    no_args_is_help=True,
+)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show_cmd(
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", help="Read this configuration file (default: MLSERVE_CONFIG_FILE)."),
+    ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="Show this running server's configuration (GET /admin/config; needs "
+            "MLSERVE_ADMIN_TOKEN)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of YAML.")] = False,
+) -> None:
+    """Print the effective configuration as YAML: every value with its source (default, file,
+    dotenv, env, init) as a comment, secrets masked."""
+    import json
+
+    from rich.markup import escape
+
+    from mlserve.config import effective_config, render_yaml
+
+    if server:
+        config = _admin_call(server, "GET", "/admin/config")[1]
+    else:
+        from mlserve.settings import Settings
+
+        try:
+            settings = Settings() if file is None else Settings(config_file=str(file))
+        except ValueError as exc:
+            raise _fail(escape(str(exc))) from None
+        config = effective_config(settings)
+    if as_json:
+        print(json.dumps(config, indent=2))
+    else:
+        print(render_yaml(config), end="")
+
+
+@config_app.command("example")
+def config_example_cmd() -> None:
+    """Print config.example.yaml: every setting in its section, with its default and meaning."""
+    from mlserve.config import example_yaml
+
+    print(example_yaml(), end="")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -413,6 +413,13 @@ async def admin_models(request: Request, core: ClassificationService, rid: str) 
     return JSONResponse(await asyncio.to_thread(core.control.status))
 
 
+async def admin_config(request: Request, core: ClassificationService, rid: str) -> Response:
+    """The server's effective configuration: each value's source, secrets masked."""
+    from mlserve.config import effective_config
+
+    return JSONResponse(effective_config(core.settings))
+
+
 ROUTES: list[RouteSpec] = [
     RouteSpec("/predict", predict, ("POST",), "api_key"),
     RouteSpec("/batch-predict", batch_predict, ("POST",), "api_key"),
@@ -429,6 +436,7 @@ ROUTES: list[RouteSpec] = [
     RouteSpec("/admin/models/load", admin_load, ("POST",), "admin"),
     RouteSpec("/admin/models/default", admin_default, ("POST",), "admin"),
     RouteSpec("/admin/models/unload", admin_unload, ("POST",), "admin"),
+    RouteSpec("/admin/config", admin_config, ("GET",), "admin"),
 ]
 
 

@@ -1,25 +1,343 @@
-"""Runtime settings: one pydantic-settings class, read from ``MLSERVE_*`` variables and ``.env``.
+"""Runtime settings: one pydantic-settings class, read from ``MLSERVE_*`` variables, ``.env`` and
+a YAML configuration file.
 
-Every field is documented here and in ``.env.example``. Validators refuse unsafe combinations
-(for example, admin routes on a public address with no token).
+Precedence, highest first:
+
+1. init arguments (``Settings(port=8000)``; ``mlserve serve --port`` uses these);
+2. environment variables (``MLSERVE_PORT=8000``);
+3. ``.env`` in the working directory;
+4. the configuration file: ``MLSERVE_CONFIG_FILE`` (default ``config.yaml`` in the working
+   directory, read only if it exists; any other file named must exist; empty = none);
+5. the defaults below.
+
+The configuration file maps onto the same flat fields. A top-level key is a field name
+(``max_batch_size: 32``) or a section from :data:`SECTIONS`; inside section ``S`` the key ``K``
+is the field ``S_K`` (``cache: {ttl_seconds: 60}`` sets ``cache_ttl_seconds``) or, where no such
+field exists, the field ``K`` of that section (``batching: {max_batch_size: 32}``). Unknown
+keys, keys given twice, wrong types and unsafe values are refused at start with the file, the
+key and the line (:class:`ConfigFileError`); every validator applies to the file's values too.
+``config.example.yaml`` lists every field in its section with its default; ``.env.example``
+lists the same fields as variables (unit tests keep both in sync).
+
+Validators refuse unsafe combinations (for example, admin routes on a public address with no
+token).
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
+from contextvars import ContextVar
 from functools import lru_cache
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+import yaml
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 _PART = r"[a-z0-9](?:[a-z0-9_.-]{0,61}[a-z0-9])?"
 NAME_RE = re.compile(rf"^{_PART}\Z")
 """A model name, as BentoML allows: lowercase letters, digits, ``_.-``, at most 63 characters."""
 TAG_RE = re.compile(rf"^{_PART}:{_PART}\Z")
 """A ``name:version`` store tag of safe characters (no paths, URLs or escapes can match)."""
+
+
+DEFAULT_CONFIG_FILE = "config.yaml"
+
+TOP_LEVEL: tuple[str, ...] = ("models", "default_model", "max_loaded_models")
+"""Fields written at the top level of the configuration file (they belong to no section)."""
+
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "batching": ("max_batch_size", "max_latency_ms"),
+    "limits": (
+        "max_text_chars",
+        "max_batch_texts",
+        "max_upload_mb",
+        "max_request_kb",
+        "infer_timeout_seconds",
+        "max_tokens",
+    ),
+    "compute": ("device", "torch_threads", "blas_threads", "workers", "balance_connections"),
+    "http": ("host", "port", "cors_origins", "log_io", "api_keys"),
+    "admin": (
+        "admin_enabled",
+        "admin_token",
+        "audit_log",
+        "audit_max_bytes",
+        "audit_backups",
+        "audit_denied_interval_seconds",
+    ),
+    "control": (
+        "control_backend",
+        "control_namespace",
+        "control_dir",
+        "control_timeout_seconds",
+    ),
+    "cache": ("redis_url", "cache_enabled", "cache_max_size", "cache_ttl_seconds", "cache_prefix"),
+    "drift": ("drift_window", "drift_min_window", "drift_threshold", "drift_interval_seconds"),
+    "training": ("seed", "reports_dir"),
+}
+"""The configuration file's sections and the fields each holds. In section ``S`` a field ``F``
+is written as ``F`` without its ``S_`` prefix (``cache.ttl_seconds`` = ``cache_ttl_seconds``)
+or, when it has no such prefix, as ``F`` itself (``batching.max_batch_size``)."""
+
+SECRET_FIELDS: tuple[str, ...] = ("admin_token", "api_keys", "redis_url")
+"""Fields whose values are never shown: masked in the effective configuration and left out of
+error messages."""
+
+_SOURCE_LABELS = {
+    "InitSettingsSource": "init",
+    "EnvSettingsSource": "env",
+    "DotEnvSettingsSource": "dotenv",
+    "ConfigFileSource": "file",
+    "SecretsSettingsSource": "secrets",
+}
+"""pydantic-settings' source classes, in priority order, and the label each value gets."""
+
+_BUILDING: ContextVar[list[ConfigFileSource] | None] = ContextVar("_BUILDING", default=None)
+
+
+def section_key(section: str, field: str) -> str:
+    """The key of ``field`` in ``section``: (cache, cache_ttl_seconds) -> ``ttl_seconds``."""
+    prefix = f"{section}_"
+    return field[len(prefix) :] if field.startswith(prefix) else field
+
+
+def file_key(field: str) -> str:
+    """Where ``field`` is written in the configuration file: ``cache.ttl_seconds``, ``models``."""
+    for section, members in SECTIONS.items():
+        if field in members:
+            return f"{section}.{section_key(section, field)}"
+    return field
+
+
+def _section_field(section: str, key: str) -> str | None:
+    members = SECTIONS[section]
+    for candidate in (f"{section}_{key}", key):
+        if candidate in members:
+            return candidate
+    return None
+
+
+class ConfigFileError(ValueError):
+    """The configuration cannot be used. Each problem is one line naming the file, the line and
+    the key (or, for a value from elsewhere, its field and source)."""
+
+    def __init__(self, path: Path | str, problems: list[str]) -> None:
+        self.path = str(path)
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class ConfigFileSource(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source, read with line numbers, sections mapped to flat fields.
+
+    ``path`` None reads nothing. Unknown keys, keys given twice and YAML errors raise
+    :class:`ConfigFileError` when the source is built, before any value is validated.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        self.file = path
+        self._fields = settings_cls.model_fields  # read before the base class sets settings_cls
+        self.locations: dict[str | tuple[str, int], tuple[str, int]] = {}
+        """field (or (field, list index)) -> (key as written, line)"""
+        super().__init__(settings_cls, yaml_file=path)
+
+    def _where(self, line: int, key: str | None = None) -> str:
+        return f"{self.file}, line {line}" + (f", key {key}" if key else "")
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            text = Path(file_path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigFileError(
+                self.file or "", [f"{self.file}: cannot read it: {exc}"]
+            ) from None
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            line = exc.problem_mark.line + 1 if exc.problem_mark else 1
+            problem = exc.problem or exc.context or "syntax error"
+            raise ConfigFileError(
+                self.file or "", [f"{self._where(line)}: not valid YAML: {problem}"]
+            ) from None
+        except yaml.YAMLError as exc:
+            raise ConfigFileError(
+                self.file or "", [f"{self.file}: not valid YAML: {exc}"]
+            ) from None
+        if root is None or _is_null(root):
+            return {}
+        return self._flatten(root)
+
+    def _flatten(self, root: yaml.Node) -> dict[str, Any]:
+        if not isinstance(root, yaml.MappingNode):
+            where = self._where(root.start_mark.line + 1)
+            raise ConfigFileError(
+                self.file or "", [f"{where}: the file must be a mapping of keys to values"]
+            )
+        fields = self._fields
+        out: dict[str, Any] = {}
+        problems: list[str] = []
+
+        def put(field: str, key: str, key_node: yaml.Node, value_node: yaml.Node) -> None:
+            line = key_node.start_mark.line + 1
+            if field in out:
+                first, first_line = self.locations[field]
+                problems.append(
+                    f"{self._where(line, key)}: {field} is already set at line {first_line}"
+                    + (f" (as {first})" if first != key else "")
+                )
+                return
+            try:
+                out[field] = _construct(value_node)
+            except yaml.MarkedYAMLError as exc:
+                problems.append(f"{self._where(line, key)}: {exc.problem or exc}")
+                return
+            self.locations[field] = (key, line)
+            if isinstance(value_node, yaml.SequenceNode):
+                for i, item in enumerate(value_node.value):
+                    self.locations[(field, i)] = (f"{key}[{i}]", item.start_mark.line + 1)
+
+        def unknown(key: str, line: int, choices: list[str], hint: str = "") -> None:
+            close = difflib.get_close_matches(key.rpartition(".")[2], choices, n=1)
+            text = f"{self._where(line, key)}: unknown key"
+            if close:
+                text += f"; did you mean {close[0]!r}?"
+            problems.append(text + hint)
+
+        for key_node, value_node in root.value:
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                problems.append(f"{self._where(line)}: a key must be a name")
+                continue
+            key = key_node.value
+            if key == "config_file":
+                problems.append(
+                    f"{self._where(line, key)}: the file cannot name itself; "
+                    "set MLSERVE_CONFIG_FILE instead"
+                )
+            elif key in fields:
+                put(key, key, key_node, value_node)
+            elif key in SECTIONS:
+                if _is_null(value_node):
+                    continue  # an empty section: nothing set
+                if not isinstance(value_node, yaml.MappingNode):
+                    problems.append(
+                        f"{self._where(line, key)}: a section must be a mapping of its keys ("
+                        + ", ".join(section_key(key, f) for f in SECTIONS[key])
+                        + ")"
+                    )
+                    continue
+                keys = [section_key(key, f) for f in SECTIONS[key]]
+                for sub_node, sub_value in value_node.value:
+                    sub_line = sub_node.start_mark.line + 1
+                    if not isinstance(sub_node, yaml.ScalarNode):
+                        problems.append(f"{self._where(sub_line)}: a key must be a name")
+                        continue
+                    path = f"{key}.{sub_node.value}"
+                    field = _section_field(key, sub_node.value)
+                    if field is None:
+                        unknown(path, sub_line, keys, f" (section {key} takes {', '.join(keys)})")
+                    else:
+                        put(field, path, sub_node, sub_value)
+            else:
+                top = [f for f in fields if f != "config_file"] + list(SECTIONS)
+                unknown(key, line, top)
+        if problems:
+            raise ConfigFileError(self.file or "", problems)
+        return out
+
+    def sources(self) -> dict[str, str]:
+        """Each field's source after the settings were built: init, env, dotenv, file, secrets or
+        default (the first source, by priority, that provided it)."""
+        states = self.settings_sources_data
+        out = {}
+        for field in self.settings_cls.model_fields:
+            out[field] = next(
+                (label for name, label in _SOURCE_LABELS.items() if field in states.get(name, {})),
+                "default",
+            )
+        return out
+
+    def explain(self, exc: ValidationError) -> ConfigFileError | None:
+        """The validation errors with the file, line and key of each value that came from the
+        file; None when no value of the file is involved (the error is raised as it is)."""
+        sources = self.sources()
+        problems: list[str] = []
+        involved = False
+        for err in exc.errors(include_url=False):
+            loc, msg = err["loc"], err["msg"]
+            field = loc[0] if loc and isinstance(loc[0], str) else None
+            if field is None:
+                named = [m.lower() for m in re.findall(r"MLSERVE_([A-Z0-9_]+)", msg)]
+                from_file = [f for f in named if sources.get(f) == "file"]
+                if from_file:
+                    involved = True
+                    key, line = self.locations[from_file[0]]
+                    problems.append(f"{self._where(line, key)}: {msg}")
+                else:
+                    problems.append(msg)
+            elif sources.get(field) == "file":
+                involved = True
+                where = self.locations.get((field, loc[1])) if len(loc) > 1 else None
+                key, line = where or self.locations[field]
+                shown = "" if field in SECRET_FIELDS else f" (got {_short(err.get('input'))})"
+                problems.append(f"{self._where(line, key)}: {msg}{shown}")
+            else:
+                env = f"MLSERVE_{field.upper()}"
+                problems.append(f"{env} (from {sources.get(field, 'default')}): {msg}")
+        return ConfigFileError(self.file or "", problems) if involved else None
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _construct(node: yaml.Node) -> Any:
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _config_file_path(*sources: PydanticBaseSettingsSource) -> Path | None:
+    """The configuration file to read: ``config_file`` from the init arguments, the environment
+    or ``.env`` (in that order), else ``config.yaml``. ``config.yaml`` is read only if it exists,
+    any other file must exist, and an empty name reads none."""
+    init, env, dotenv = sources
+    named = DEFAULT_CONFIG_FILE
+    kwargs = getattr(init, "init_kwargs", {})
+    if "config_file" in kwargs:
+        named = str(kwargs["config_file"] or "")
+    else:
+        for source in (env, dotenv):
+            value = getattr(source, "env_vars", {}).get("mlserve_config_file")
+            if value is not None:
+                named = value
+                break
+    if not named.strip():
+        return None
+    path = Path(named).expanduser().absolute()
+    if path.is_file():
+        return path
+    if named == DEFAULT_CONFIG_FILE:
+        return None
+    raise ConfigFileError(path, [f"{path}: configuration file not found (config_file={named})"])
 
 
 def _split_csv(value: object) -> object:
@@ -33,6 +351,15 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="MLSERVE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- configuration file -------------------------------------------------------------------
+    config_file: str = Field(
+        DEFAULT_CONFIG_FILE,
+        description="YAML configuration file, read beneath the environment and .env (see "
+        "config.example.yaml), relative to the working directory. config.yaml is read only if it "
+        "exists; any other file named here must exist; empty = none. Set it in the environment, "
+        "not in the file.",
     )
 
     # --- models -------------------------------------------------------------------------------
@@ -185,6 +512,59 @@ class Settings(BaseSettings):
     seed: int = Field(42, description="Seed for splits and models.")
     reports_dir: str = Field("reports", description="Where training writes plots and model cards.")
 
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+    _file: str | None = PrivateAttr(default=None)
+    _file_keys: dict[str, tuple[str, int]] = PrivateAttr(default_factory=dict)
+
+    def __init__(self, **values: Any) -> None:
+        built: list[ConfigFileSource] = []
+        token = _BUILDING.set(built)
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            explained = built[-1].explain(exc) if built else None
+            if explained is not None:
+                # Not chained: pydantic's message would repeat the input, secrets included.
+                raise explained from None
+            raise
+        finally:
+            _BUILDING.reset(token)
+        if built:
+            source = built[-1]
+            self._sources = source.sources()
+            self._file = str(source.file) if source.file else None
+            self._file_keys = {k: v for k, v in source.locations.items() if isinstance(k, str)}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """init > environment > .env > the configuration file (> the defaults)."""
+        path = _config_file_path(init_settings, env_settings, dotenv_settings)
+        file_settings = ConfigFileSource(settings_cls, path)
+        building = _BUILDING.get()
+        if building is not None:
+            building.append(file_settings)
+        return init_settings, env_settings, dotenv_settings, file_settings, file_secret_settings
+
+    def value_source(self, field: str) -> str:
+        """Where ``field``'s value came from: init, env, dotenv, file, secrets or default."""
+        return self._sources.get(field, "default")
+
+    def file_location(self, field: str) -> tuple[str, int] | None:
+        """(key, line) of ``field`` in the configuration file, if the file sets it."""
+        return self._file_keys.get(field)
+
+    @property
+    def config_file_read(self) -> str | None:
+        """The configuration file these settings read (absolute path), or None."""
+        return self._file
+
     @field_validator("models", "cors_origins", "api_keys", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
@@ -219,7 +599,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _keys_apart_from_admin(self) -> Settings:
         if self.admin_token and self.admin_token in self.api_keys:
-            raise ValueError("the admin token must not also be a predict API key")
+            raise ValueError(
+                "MLSERVE_ADMIN_TOKEN must not also be a predict API key (MLSERVE_API_KEYS)"
+            )
         return self
 
     @field_validator("admin_token")
@@ -233,7 +615,8 @@ class Settings(BaseSettings):
     def _no_public_admin_without_token(self) -> Settings:
         if self.admin_enabled and self.admin_token is None and not is_loopback(self.host):
             raise ValueError(
-                f"refusing to bind {self.host} with admin routes on and no MLSERVE_ADMIN_TOKEN; "
+                f"refusing to bind {self.host} (MLSERVE_HOST) with admin routes on and no "
+                "MLSERVE_ADMIN_TOKEN; "
                 "set a token or MLSERVE_ADMIN_ENABLED=false"
             )
         return self

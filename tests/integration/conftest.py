@@ -59,11 +59,15 @@ DEFAULT_ENV = {
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without ``MLSERVE_*`` variables, offline, plus ``extra``."""
+    """This process's environment without ``MLSERVE_*`` variables (and no configuration file),
+    offline, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLSERVE_")}
     for key in ("BENTOML_CONFIG", "BENTOML_PORT", "BENTOML_HOST", "PROMETHEUS_MULTIPROC_DIR"):
         env.pop(key, None)
     env.update(HF_HUB_OFFLINE="1", BENTOML_DO_NOT_TRACK="true", PYTHONUNBUFFERED="1")
+    # No configuration file unless a test names one: a server's workers import the service
+    # from the repository (--working-dir), where a developer's config.yaml would be read.
+    env.update(MLSERVE_CONFIG_FILE="")
     env.update(extra)
     return env
 
