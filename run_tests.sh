@@ -24,6 +24,27 @@ if ! .venv/bin/python -c "import redis; redis.Redis(socket_timeout=1).ping()" 2>
   fi
 fi
 
+# deploy/ checks: promtool (Prometheus config, alert rules and their unit tests) and kustomize
+# (`kubectl kustomize`) render the manifests. Install what is missing when we can (root + apt).
+need_pkgs=()
+command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
+if ! command -v kustomize >/dev/null 2>&1 && ! command -v kubectl >/dev/null 2>&1; then
+  # Needs a Kubernetes apt repository: Debian's own kubectl (kubernetes-client 1.20) bundles a
+  # kustomize too old for these manifests.
+  need_pkgs+=(kubectl)
+fi
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> apt-get install ${need_pkgs[*]}"
+    apt-get update -qq || true
+    for pkg in "${need_pkgs[@]}"; do
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" \
+        >/dev/null || echo "warning: could not install $pkg" >&2
+    done
+  fi
+  # The deploy tests fail under CI=true (and skip otherwise) when a tool is still missing.
+fi
+
 echo "==> ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -86,7 +86,7 @@ class ClassificationService:
         )
         self.audit = AdminAudit(settings, self.control.worker_id)
         self.git_revision = _git_revision()
-        self._drift_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
         """Begin loading models in the background."""
@@ -112,7 +112,14 @@ class ClassificationService:
         """Start following the shared desired state, and the periodic drift computation
         (inside the server's event loop)."""
         self.control.start()
-        self._drift_task = asyncio.get_running_loop().create_task(self._drift_loop())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._drift_loop()), loop.create_task(self._ready_loop())]
+
+    async def _ready_loop(self) -> None:
+        """Publish readiness as the mlserve_ready gauge once a second."""
+        while True:
+            obs.observe_ready(self.ready)
+            await asyncio.sleep(1.0)
 
     async def _drift_loop(self) -> None:
         """Bring every loaded model's drift report up to date, off the event loop, every
@@ -315,10 +322,10 @@ class ClassificationService:
         }
 
     async def aclose(self) -> None:
-        if self._drift_task is not None:
-            self._drift_task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(BaseException):
-                await self._drift_task
+                await task
         self.audit.flush()
         await self.control.aclose()
         for model in self.registry.list():

@@ -88,6 +88,12 @@ class _Metrics:
             ["model_version"],
             multiprocess_mode="max",
         )
+        self.ready = Gauge(
+            "mlserve_ready",
+            "1 when every worker of the replica is ready (the lowest over live workers; /ready "
+            "answers 503 while it is 0). Updated every second.",
+            multiprocess_mode="livemin",
+        )
         self.loaded = Gauge(
             "mlserve_model_loaded",
             "1 while a model version is loaded in a worker.",
@@ -141,6 +147,10 @@ def observe_connection_shed() -> None:
 def observe_cache(event: str, n: int) -> None:
     if n:
         metrics().cache.labels(event=event).inc(n)
+
+
+def observe_ready(ready: bool) -> None:
+    metrics().ready.set(1 if ready else 0)
 
 
 def observe_cache_circuit(is_open: bool) -> None:

@@ -317,7 +317,11 @@ def test_a_full_redis_evicts_cache_entries_never_the_promoted_models(
     data.mkdir()
     binary = shutil.which("redis-server")
     assert binary, "redis-server is needed (apt-get install redis-server)"
-    conf = REPO / "deploy" / "redis" / "redis.conf"
+    # The shipped file, with its data directory moved here (compose and Kubernetes mount /data).
+    conf = tmp_path / "redis.conf"
+    shipped = (REPO / "deploy" / "redis" / "redis.conf").read_text()
+    assert "dir /data" in shipped
+    conf.write_text(shipped.replace("dir /data", f"dir {data}"))
     redis_proc = subprocess.Popen(
         [
             binary,
