@@ -169,3 +169,12 @@ def test_a_real_redis_server_runs_the_conf(tmp_path: Path) -> None:
         client.close()
     finally:
         stop(proc)
+
+
+def test_the_api_reads_the_shipped_config_file() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    api = compose["services"]["api"]
+    (mount,) = api["configs"]
+    source = compose["configs"][mount["source"]]["file"]
+    assert (COMPOSE.parent / source).resolve() == (DEPLOY / "config" / "config.yaml").resolve()
+    assert api["environment"]["MLSERVE_CONFIG_FILE"] == mount["target"]

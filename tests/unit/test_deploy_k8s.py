@@ -186,22 +186,46 @@ def test_probes_and_drain(overlay: str) -> None:
     assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + drain
 
 
-def test_settings_come_from_the_configmap_and_the_secret() -> None:
+def test_settings_come_from_the_config_file_the_configmap_and_the_secret(tmp_path) -> None:
     from mlserve.settings import Settings
 
     known = {f"MLSERVE_{name.upper()}" for name in Settings.model_fields} | PENDING_SETTINGS
+    shipped = (ROOT / "deploy" / "config" / "config.yaml").read_text()
     for overlay in OVERLAYS:
         docs = render(overlay)
         config = api_config(docs)
         unknown = {k for k in config if k.startswith("MLSERVE_")} - known
         assert not unknown, f"{overlay}: {unknown} are not settings"
         assert config["MLSERVE_HOST"] == "0.0.0.0"
-        assert config["MLSERVE_CONTROL_BACKEND"] == "redis"
-        # No secret in the ConfigMap.
+        # No secret in the ConfigMaps.
         assert not {"MLSERVE_ADMIN_TOKEN", "MLSERVE_API_KEYS", "MLSERVE_REDIS_URL"} & set(config)
+        # The settings file is deploy/config/config.yaml, mounted where MLSERVE_CONFIG_FILE says.
+        container = api_container(docs)
+        pod = find(docs, "Deployment", "mlserve-api")["spec"]["template"]["spec"]
+        volume = next(v for v in pod["volumes"] if v["name"] == "config-file")
+        file_map = find(docs, "ConfigMap", volume["configMap"]["name"])
+        assert file_map["data"]["config.yaml"] == shipped
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "config-file")
+        assert config["MLSERVE_CONFIG_FILE"] == f"{mount['mountPath']}/config.yaml"
+        assert mount["readOnly"] is True
+        # What the pod runs is a valid configuration: the file under the pod's variables and
+        # stand-ins for its secrets, through the settings' own validators.
+        (tmp_path / "config.yaml").write_text(file_map["data"]["config.yaml"])
+        env = {k: v for k, v in config.items() if k in known and k not in PENDING_SETTINGS}
+        env["MLSERVE_CONFIG_FILE"] = str(tmp_path / "config.yaml")
+        settings = Settings(
+            _env_file=None,
+            **{k.removeprefix("MLSERVE_").lower(): v for k, v in env.items()},
+            admin_token="a-stand-in-admin-token",
+            redis_url="redis://redis:6379/0",
+        )
+        assert settings.control_backend == "redis" and settings.control_namespace != "default"
         # Workers are set explicitly: "auto" would count the node's cores, not the pod's.
         workers = int(config["MLSERVE_WORKERS"])
         assert 1 <= workers <= int(api_container(docs)["resources"]["limits"]["cpu"])
+    parsed = yaml.safe_load(shipped)
+    assert "token" not in parsed["admin"] and "api_keys" not in parsed["http"]
+    assert "redis_url" not in parsed["cache"]  # secrets come from the Secret only
 
 
 def test_gpu_overlay() -> None:
