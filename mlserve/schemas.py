@@ -1,8 +1,90 @@
-"""Request and response bodies of the HTTP API."""
+"""Request and response bodies of the HTTP API: the contract, declared once.
+
+The routes (``mlserve.http``) validate requests with these models and FastAPI derives the OpenAPI
+description from the same models, so the two cannot drift apart. The typed client
+(``mlserve.client``) parses responses with them.
+"""
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+DecisionRuleName = Literal["argmax", "prior_corrected_argmax"]
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [{"text": "This medication worked wonders, no side effects at all"}]
+        },
+    )
+
+    text: StrictStr = Field(
+        description="The text to classify (not empty, at most MLSERVE_MAX_TEXT_CHARS characters)."
+    )
+    model_version: StrictStr | None = Field(
+        None,
+        description="name:version, a bare name (its default version), or omitted "
+        "(MLSERVE_DEFAULT_MODEL).",
+    )
+
+
+class BatchPredictRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {"texts": ["Great drug, no side effects", "Made me dizzy"], "model_version": None}
+            ]
+        },
+    )
+
+    texts: list[StrictStr] = Field(description="1 to MLSERVE_MAX_BATCH_TEXTS texts.")
+    model_version: StrictStr | None = Field(
+        None, description="name:version, a bare name, or omitted (the default model)."
+    )
+
+
+class LoadModelRequest(BaseModel):
+    """``POST /admin/models/load``: a store tag only, never a path, URL or file."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"tag": "sentiment:v2"}]}
+    )
+
+    tag: StrictStr = Field(description="name:version of a model in the server's store.")
+    make_default: bool = Field(False, description="Also make it its name's default version.")
+
+
+class SetDefaultRequest(BaseModel):
+    """``POST /admin/models/default``."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"name": "sentiment", "version": "v2"}]}
+    )
+
+    name: StrictStr
+    version: StrictStr
+
+
+class UnloadModelRequest(BaseModel):
+    """``POST /admin/models/unload``."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"tag": "sentiment:v1"}]}
+    )
+
+    tag: StrictStr
+
+
+# --- predictions ------------------------------------------------------------------------------
 
 
 class Timing(BaseModel):
@@ -15,76 +97,240 @@ class Timing(BaseModel):
     total_ms: float
 
 
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    text: StrictStr = Field(description="The text to classify.")
-    model_version: StrictStr | None = Field(
-        None, description="name:version, a bare name (its default version), or omitted."
-    )
-
-
-class BatchPredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    texts: list[StrictStr] = Field(description="1 to MLSERVE_MAX_BATCH_TEXTS texts.")
-    model_version: StrictStr | None = None
-
-
 class Prediction(BaseModel):
     cached: bool = Field(description="Whether the answer came from the prediction cache.")
-    label: str
-    confidence: float
-    probabilities: dict[str, float]
+    label: str = Field(description="The predicted label, chosen by the model's decision rule.")
+    confidence: float = Field(description="The calibrated probability of `label`.")
+    probabilities: dict[str, float] = Field(description="Calibrated probability of each label.")
+
+
+_PREDICTION_EXAMPLE = {
+    "cached": False,
+    "label": "positive",
+    "confidence": 0.96,
+    "probabilities": {"negative": 0.03, "neutral": 0.01, "positive": 0.96},
+}
+_TIMING_EXAMPLE = {
+    "queue_ms": 0.03,
+    "preprocess_ms": 0.9,
+    "model_ms": 0.2,
+    "postprocess_ms": 0.1,
+    "total_ms": 1.4,
+}
 
 
 class PredictResponse(Prediction):
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    **_PREDICTION_EXAMPLE,
+                    "latency_ms": 1.4,
+                    "model_version": "sentiment:v1",
+                    "decision_rule": "prior_corrected_argmax",
+                    "request_id": "8c0f6f7e2a5b4c1d9e3f0a1b2c3d4e5f",
+                    "timing": _TIMING_EXAMPLE,
+                }
+            ]
+        },
+    )
 
-    latency_ms: float
-    model_version: str
+    latency_ms: float = Field(description="Server-side time of the request, in milliseconds.")
+    model_version: str = Field(description="The name:version that computed the answer.")
+    decision_rule: DecisionRuleName = Field(
+        description="How `label` was chosen: `argmax` (the most probable label) or "
+        "`prior_corrected_argmax` (probability x weight, weights proportional to 1 / the "
+        "label's training share; see GET /models/{name}/{version})."
+    )
     request_id: str
     timing: Timing
 
 
 class BatchPredictResponse(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "predictions": [_PREDICTION_EXAMPLE],
+                    "total_latency_ms": 2.1,
+                    "model_version": "sentiment:v1",
+                    "decision_rule": "prior_corrected_argmax",
+                    "request_id": "8c0f6f7e2a5b4c1d9e3f0a1b2c3d4e5f",
+                    "timing": _TIMING_EXAMPLE,
+                }
+            ]
+        },
+    )
 
-    predictions: list[Prediction]
+    predictions: list[Prediction] = Field(description="One per input text, in input order.")
     total_latency_ms: float
     model_version: str
+    decision_rule: DecisionRuleName
     request_id: str
     timing: Timing
 
 
+# --- errors -----------------------------------------------------------------------------------
+
+
 class ErrorBody(BaseModel):
+    """The body of every error answer."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": "validation_error",
+                    "message": "text must not be empty or whitespace",
+                    "details": {"index": 0},
+                    "request_id": "8c0f6f7e2a5b4c1d9e3f0a1b2c3d4e5f",
+                }
+            ]
+        }
+    )
+
     error: str = Field(description="Stable machine-readable code, e.g. validation_error.")
     message: str = Field(description="What was wrong, for a person.")
-    details: dict | None = None
-    request_id: str | None = None
+    details: dict[str, Any] | None = Field(None, description="Structured detail, when any.")
+    request_id: str | None = Field(None, description="The request's id (X-Request-ID).")
 
 
-class LoadModelRequest(BaseModel):
-    """``POST /admin/models/load``: a store tag only, never a path, URL or file."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tag: StrictStr = Field(description="name:version of a model in the server's store.")
-    make_default: bool = Field(False, description="Also make it its name's default version.")
+# --- models -----------------------------------------------------------------------------------
 
 
-class SetDefaultRequest(BaseModel):
-    """``POST /admin/models/default``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: StrictStr
-    version: StrictStr
+class DecisionRule(BaseModel):
+    rule: DecisionRuleName
+    weights: dict[str, float] = Field(description="The weight of each label.")
+    description: str
 
 
-class UnloadModelRequest(BaseModel):
-    """``POST /admin/models/unload``."""
+class ModelSummary(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
 
-    model_config = ConfigDict(extra="forbid")
+    tag: str
+    name: str
+    version: str
+    runner_family: str
+    estimator: str
+    labels: list[str]
+    test_metrics: dict[str, float | None]
+    training_date: str
+    loaded_at: str
+    identity: str = Field(description="Digest of the model's content (files, labels, cleaning).")
+    decision_rule: DecisionRule
 
-    tag: StrictStr
+
+class ModelDetail(ModelSummary):
+    metadata: dict[str, Any] = Field(
+        description="The model's stored metadata (a training file's path is cut to its name)."
+    )
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelSummary]
+    defaults: dict[str, str] = Field(description="The default version of each loaded name.")
+    service_default: str = Field(description="MLSERVE_DEFAULT_MODEL.")
+
+
+class DriftReport(BaseModel):
+    available: bool
+    method: str = "psi"
+    reason: str | None = None
+    score: float | None = None
+    threshold: float | None = None
+    drifted: bool | None = None
+    window_size: int | None = None
+    min_window: int | None = None
+    features: dict[str, float] | None = None
+    computed_at: float | None = None
+
+
+# --- probes -----------------------------------------------------------------------------------
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    models: dict[str, str] = Field(description="Each start-up model's state.")
+    errors: dict[str, str] = Field(description="Load errors by model.")
+    control: dict[str, Any] = Field(description="The control path: store, namespace, generation.")
+    cache: dict[str, Any] = Field(description="The cache backend's state.")
+
+
+class VersionResponse(BaseModel):
+    service: str
+    version: str
+    git_revision: str
+    bentoml_version: str
+    default_model: str
+    default_versions: dict[str, str]
+
+
+class GpuDevice(BaseModel):
+    index: int
+    name: str
+    memory_used_mb: float
+    memory_total_mb: float
+    utilization_percent: float | None = None
+    temperature_c: float | None = None
+
+
+class GpuResponse(BaseModel):
+    available: bool
+    device: str = Field(description="`cuda` with an NVIDIA GPU, else `cpu`.")
+    reason: str | None = None
+    driver_version: str | None = None
+    gpus: list[GpuDevice] = Field(default_factory=list)
+
+
+# --- admin ------------------------------------------------------------------------------------
+
+
+class WorkerState(BaseModel):
+    generation: int
+    loaded: list[str]
+    defaults: dict[str, str]
+
+
+class AdminChangeResult(BaseModel):
+    action: str
+    complete: bool = Field(description="Every live worker serves the change (200; else 202).")
+    generation: int
+    models: list[str]
+    defaults: dict[str, str]
+    workers: dict[str, WorkerState]
+    lagging: list[str]
+    failed: dict[str, dict[str, str]]
+
+
+class ControlStatus(BaseModel):
+    store: str
+    desired: dict[str, Any] | None = None
+    workers: dict[str, dict[str, Any]] | None = None
+    error: str | None = None
+
+
+class StatsResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    requests: int
+    error_rate: float
+    routes: dict[str, Any]
+    models: dict[str, Any]
+    errors: dict[str, int]
+    cache: dict[str, Any]
+    drift: dict[str, Any]
+    cache_backend: dict[str, Any]
+    worker: dict[str, Any]
+    control: dict[str, Any]
+
+
+class ConfigResponse(BaseModel):
+    config_file: str | None
+    values: dict[str, Any]
+    sources: dict[str, Any]
