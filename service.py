@@ -1,7 +1,7 @@
 """The mlserve BentoML service: wiring only. Model logic lives in runners/ and mlserve/.
 
 Serve it with ``bentoml serve service:MLServe`` (or ``mlserve serve``). The HTTP routes are a
-Starlette app (mlserve.http) mounted into this service, so BentoML's own /livez and /readyz keep
+FastAPI app (mlserve.http) mounted into this service, so BentoML's own /livez and /readyz keep
 working beside them, and adaptive batching runs in-process (mlserve.batching). /metrics is
 mlserve's own (BentoML's per-path HTTP metrics are off: see below).
 """
@@ -10,43 +10,52 @@ from __future__ import annotations
 
 import bentoml
 
-from mlserve.http import JsonNotFoundMiddleware, create_app
+from mlserve.http import create_app
+from mlserve.middleware import (
+    API_CSP,
+    HeaderLimitMiddleware,
+    JsonNotFoundMiddleware,
+    SecurityHeadersMiddleware,
+)
 from mlserve.settings import get_settings
 
 _settings = get_settings()
-_cors = (
-    {
-        "cors": {
-            "enabled": True,
-            "access_control_allow_origins": _settings.cors_origins,
-            "access_control_allow_methods": ["GET", "POST"],
-            "access_control_allow_headers": [
-                "Content-Type",
-                "Authorization",
-                "X-API-Key",
-                "X-Request-ID",
-            ],
-            "access_control_expose_headers": ["X-Request-ID"],
-        }
+_http: dict = {}
+if _settings.cors_origins:
+    _http["cors"] = {
+        "enabled": True,
+        "access_control_allow_origins": _settings.cors_origins,
+        "access_control_allow_methods": ["GET", "POST"],
+        "access_control_allow_headers": [
+            "Content-Type",
+            "Authorization",
+            "X-API-Key",
+            "X-Request-ID",
+        ],
+        "access_control_expose_headers": ["X-Request-ID"],
     }
-    if _settings.cors_origins
+# HTTPS through BentoML's own SSL options (uvicorn's): MLSERVE_SSL_CERTFILE and _KEYFILE.
+_ssl = (
+    {"ssl": {"enabled": True, "certfile": _settings.ssl_certfile, "keyfile": _settings.ssl_keyfile}}
+    if _settings.tls
     else {}
 )
 _core = None
-http_app = create_app(lambda: _core)
+http_app = create_app(lambda: _core, docs=_settings.docs_enabled)
 
 
 @bentoml.service(
     name="mlserve",
     workers=_settings.effective_workers,
     traffic={"timeout": _settings.infer_timeout_seconds + 5},
-    http=_cors,
+    http=_http,
     # mlserve.http writes one JSON access line per request; BentoML's own would duplicate it.
     logging={"access": {"enabled": False}},
     # BentoML's HTTP metrics label each series with the raw request path, so any client could
     # add series without bound (and prometheus-client never frees one). mlserve serves /metrics
     # itself, with route templates and loaded versions as the only label values.
     metrics={"enabled": False},
+    **_ssl,
 )
 @bentoml.asgi_app(http_app, path="/")
 class MLServe:
@@ -73,4 +82,16 @@ class MLServe:
         await self.core.aclose()
 
 
+def _docs_csp() -> str:
+    if not _settings.docs_enabled:
+        return API_CSP
+    from mlserve.docs import docs_page
+
+    return docs_page("/openapi.json", http_app.title)[1]
+
+
+# Outermost (BentoML applies these in order, first = outer), so every response gets the headers:
+# BentoML's own routes, CORS preflights and the JSON 404 below.
+MLServe.add_asgi_middleware(SecurityHeadersMiddleware, hsts=_settings.tls, docs_csp=_docs_csp())
+MLServe.add_asgi_middleware(HeaderLimitMiddleware, max_bytes=_settings.max_header_kb * 1024)
 MLServe.add_asgi_middleware(JsonNotFoundMiddleware)

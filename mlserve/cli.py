@@ -319,6 +319,12 @@ def serve_cmd(
     models: Annotated[
         str | None, typer.Option(help="Comma-separated tags to load (default MLSERVE_MODELS).")
     ] = None,
+    ssl_certfile: Annotated[
+        Path | None, typer.Option(help="Serve HTTPS with this PEM certificate (MLSERVE_SSL_*).")
+    ] = None,
+    ssl_keyfile: Annotated[
+        Path | None, typer.Option(help="The certificate's PEM private key.")
+    ] = None,
 ) -> None:
     """Serve the API with `bentoml serve service:MLServe` from the project folder."""
     import subprocess
@@ -327,13 +333,26 @@ def serve_cmd(
     from mlserve.settings import Settings
 
     env = dict(os.environ)
-    for key, value in (("HOST", host), ("PORT", port), ("WORKERS", workers), ("MODELS", models)):
+    given = {
+        "HOST": host,
+        "PORT": port,
+        "WORKERS": workers,
+        "MODELS": models,
+        # Absolute: the workers run in the project folder, not here.
+        "SSL_CERTFILE": ssl_certfile and ssl_certfile.resolve(),
+        "SSL_KEYFILE": ssl_keyfile and ssl_keyfile.resolve(),
+    }
+    for key, value in given.items():
         if value is not None:
             env[f"MLSERVE_{key}"] = str(value)
     env.setdefault("HF_HUB_OFFLINE", "1")
     try:
         settings = Settings(
-            **{k.lower(): v for k, v in (("HOST", host), ("PORT", port)) if v is not None}
+            **{
+                k.lower(): str(v)
+                for k, v in given.items()
+                if v is not None and k in ("HOST", "PORT", "SSL_CERTFILE", "SSL_KEYFILE")
+            }
         )
     except ValueError as exc:
         raise _fail(str(exc)) from None

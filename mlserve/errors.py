@@ -48,6 +48,17 @@ class ModelNotFoundError(MLServeError):
     status, code = 404, "model_not_found"
 
 
+class RequestTimeoutError(MLServeError):
+    """The body did not arrive within MLSERVE_BODY_TIMEOUT_SECONDS (or stopped short of its
+    announced length)."""
+
+    status, code = 408, "request_timeout"
+
+
+class HeadersTooLargeError(MLServeError):
+    status, code = 431, "headers_too_large"
+
+
 class PayloadTooLargeError(MLServeError):
     status, code = 413, "payload_too_large"
 

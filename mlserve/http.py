@@ -1,8 +1,16 @@
-"""The HTTP API (a Starlette app that ``service.py`` mounts into the BentoML service).
+"""The HTTP API: a FastAPI app that ``service.py`` mounts into the BentoML service.
 
-Every error is turned into a JSON body here, in one place: typed :mod:`mlserve.errors` map to
-their status codes, schema errors to 422, anything unexpected to a bare 500. No stack trace,
-path or input text ever reaches a response or the request log.
+The contract is declared once: each route's request and response models (``mlserve.schemas``),
+its error answers and its security requirement are given on the route, FastAPI validates the
+requests with those models and derives ``/openapi.json`` (and the ``/docs`` page) from the same
+declarations.
+
+Every request passes through :class:`MLServeRoute`, in one place: the request id, the route's
+access rule (read from its declared security requirement), the content type and size limits
+(checked before the body is read), typed :mod:`mlserve.errors` turned into JSON error bodies
+with their status codes, schema errors into 422, anything unexpected into a bare 500, the
+route-templated metrics and the JSON access log. No stack trace, path or input text ever reaches
+a response or the request log.
 """
 
 from __future__ import annotations
@@ -15,17 +23,21 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import PurePath
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-import pydantic
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from fastapi import APIRouter, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import params as fastapi_params
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
+import mlserve
 from mlserve import observability as obs
 from mlserve.admin import require_admin, require_api_key
 from mlserve.core import ClassificationService, Outcome
@@ -33,20 +45,181 @@ from mlserve.errors import (
     BadRequestError,
     MLServeError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     UnsupportedMediaTypeError,
     ValidationError,
     error_body,
 )
+from mlserve.gpu import gpu_status
 from mlserve.schemas import (
+    AdminChangeResult,
     BatchPredictRequest,
+    BatchPredictResponse,
+    ConfigResponse,
+    ControlStatus,
+    DriftReport,
+    ErrorBody,
+    GpuResponse,
+    HealthResponse,
     LoadModelRequest,
+    ModelDetail,
+    ModelsResponse,
     PredictRequest,
+    PredictResponse,
+    ReadyResponse,
     SetDefaultRequest,
+    StatsResponse,
     UnloadModelRequest,
+    VersionResponse,
 )
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-Handler = Callable[[Request, ClassificationService, str], Awaitable[Response]]
+Auth = Literal["none", "api_key", "admin"]
+
+# --- the contract's shared parts --------------------------------------------------------------
+
+SECURITY_SCHEMES = {
+    "ApiKey": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "One of MLSERVE_API_KEYS (predict and drift routes, when keys are set).",
+    },
+    "ApiKeyBearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key as a bearer token, instead of X-API-Key.",
+    },
+    "AdminToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "MLSERVE_ADMIN_TOKEN (admin routes only; never an API key).",
+    },
+}
+API_KEY_SECURITY = [{"ApiKey": []}, {"ApiKeyBearer": []}]
+ADMIN_SECURITY = [{"AdminToken": []}]
+
+ERRORS = {
+    400: "Malformed request: the body is not valid JSON, not UTF-8, or a corrupt upload.",
+    401: "A missing or wrong API key or admin token.",
+    403: "The admin API is disabled (no MLSERVE_ADMIN_TOKEN).",
+    404: "No such model, version or route.",
+    408: "The body did not arrive within MLSERVE_BODY_TIMEOUT_SECONDS.",
+    409: "A model change that the current state refuses.",
+    413: "The body is over MLSERVE_MAX_REQUEST_KB (JSON) or MLSERVE_MAX_UPLOAD_MB (uploads).",
+    415: "Wrong Content-Type, or an upload that is neither .csv nor .jsonl.",
+    422: "The body does not match the schema, or a value is out of bounds.",
+    431: "The request's headers are over MLSERVE_MAX_HEADER_KB.",
+    500: "A bug in the service (no detail leaves the server).",
+    503: "No model is ready yet, the control store is down, or the audit log cannot be written.",
+    504: "Inference took longer than MLSERVE_INFER_TIMEOUT_SECONDS.",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The documented error answers of a route: each has the shared error body."""
+    return {code: {"model": ErrorBody, "description": ERRORS[code]} for code in (*codes, 500)}
+
+
+_PREDICT_ERRORS = errors(400, 401, 404, 408, 413, 415, 422, 503, 504)
+_ADMIN_READ_ERRORS = errors(401, 403, 503)
+_ADMIN_CHANGE_ERRORS = errors(400, 401, 403, 404, 408, 409, 413, 415, 422, 503)
+_ADMIN_CHANGE_OK = {
+    202: {
+        "model": AdminChangeResult,
+        "description": "Published, but some workers lag or failed (see `lagging`, `failed`).",
+    }
+}
+
+
+def _auth_of(route: APIRoute) -> Auth:
+    """A route's access rule, read from the security requirement it declares."""
+    security = (route.openapi_extra or {}).get("security")
+    if security == ADMIN_SECURITY:
+        return "admin"
+    return "api_key" if security == API_KEY_SECURITY else "none"
+
+
+def _media_of(route: APIRoute) -> str | None:
+    """The content type a route's declared body needs (None: no body)."""
+    body = route.dependant.body_params
+    if not body:
+        return None
+    form = any(isinstance(p.field_info, fastapi_params.Form) for p in body)
+    return "multipart/form-data" if form else "application/json"
+
+
+# Admin changes are audited: route -> the audit log's action name.
+AUDITED = {
+    "/admin/models/load": "load",
+    "/admin/models/default": "default",
+    "/admin/models/unload": "unload",
+}
+
+
+class MLServeRoute(APIRoute):
+    """Runs every request of a route (see the module docstring)."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+        route = self.path
+        access = obs.json_logger("mlserve.access")
+
+        async def endpoint(request: Request) -> Response:
+            start = time.perf_counter()
+            rid = _request_id(request)
+            core: ClassificationService = request.app.state.get_core()
+            request.state.core, request.state.rid = core, rid
+            error: MLServeError | None = None
+            try:
+                _authorize(_auth_of(self), route, request, core)
+                media = _media_of(self)
+                if media is not None:
+                    await _read_body(request, media, core)
+                response = await handler(request)
+            except MLServeError as exc:
+                error = exc
+            except RequestValidationError as exc:
+                error = _schema_error(exc)
+            except StarletteHTTPException as exc:  # FastAPI could not parse the body
+                error = BadRequestError(
+                    "request body is not valid JSON"
+                    if _media_of(self) == "application/json"
+                    else "the multipart body could not be parsed",
+                    reason=str(exc.detail)[:200],
+                )
+            except Exception:
+                obs.observe_error("internal_error")
+                access.exception("unhandled error", extra={"fields": {"request_id": rid}})
+                response = JSONResponse(
+                    error_body("internal_error", "unexpected server error", rid), status_code=500
+                )
+            if error is not None:
+                obs.observe_error(error.code)
+                response = JSONResponse(error.to_dict(rid), status_code=error.status)
+            if route in AUDITED and getattr(request.state, "actor", None) is not None:
+                _audit(request, core, rid, AUDITED[route], error)
+            elapsed = time.perf_counter() - start
+            response.headers["x-request-id"] = rid
+            if core is not None and core.balancer.seen(request.client):
+                response.headers["connection"] = "close"  # the client reconnects (balance.py)
+            obs.observe_request(route, response.status_code, elapsed)
+            if route not in ("/health", "/ready", "/metrics"):
+                access.info(
+                    "request",
+                    extra={
+                        "fields": {
+                            "request_id": rid,
+                            "route": route,
+                            "status": response.status_code,
+                            "latency_ms": round(elapsed * 1000, 3),
+                            "model_version": getattr(request.state, "model_version", None),
+                        }
+                    },
+                )
+            return response
+
+        return endpoint
 
 
 def _request_id(request: Request) -> str:
@@ -54,66 +227,101 @@ def _request_id(request: Request) -> str:
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
-def _require_type(request: Request, expected: str) -> None:
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media != expected:
+def _authorize(auth: Auth, route: str, request: Request, core: ClassificationService) -> None:
+    """The route's access rule, before its body is read. An admin route's denial is counted and
+    summarised in the audit log (never one line per denied call)."""
+    if auth == "api_key":
+        require_api_key(request.headers, core.settings)
+    elif auth == "admin":
+        try:
+            request.state.actor = require_admin(request.headers.get("authorization"), core.settings)
+        except MLServeError as exc:
+            client = request.client.host if request.client else None
+            core.audit.denied(route, exc.code, client)
+            raise
+
+
+async def _read_body(request: Request, media: str, core: ClassificationService) -> None:
+    """Check the content type (415) and read the body, refusing (413) anything over the limit
+    before it is all read. FastAPI then parses the body read here."""
+    given = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if given != media:
         raise UnsupportedMediaTypeError(
-            f"Content-Type must be {expected}, got {media or 'none'}", expected=expected
+            f"Content-Type must be {media}, got {given or 'none'}", expected=media
         )
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes before reading it all."""
+    settings = core.settings
+    limit = settings.max_upload_bytes if media.startswith("multipart") else settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body is over the {limit} byte limit", limit=limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    deadline = time.monotonic() + settings.body_timeout_seconds
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), deadline - time.monotonic())
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the request body did not arrive within {settings.body_timeout_seconds:g} s "
+                "(is it shorter than its Content-Length?)"
+            ) from None
+        except ClientDisconnect:
+            raise BadRequestError("the client left before sending the whole body") from None
         size += len(chunk)
         if size > limit:
             raise PayloadTooLargeError(f"request body is over the {limit} byte limit", limit=limit)
         chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # lets request.form() parse what we already read
-    return body
+    request._body = b"".join(chunks)  # what FastAPI reads (request.body(), request.form())
+    if media == "application/json" and not request._body.strip():
+        raise BadRequestError("request body is not valid JSON")
 
 
-async def _json_body(request: Request, limit: int) -> object:
-    _require_type(request, "application/json")
-    body = await _read_body(request, limit)
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):  # bad UTF-8, bad JSON, absurd nesting
-        raise BadRequestError("request body is not valid JSON") from None
+def _schema_error(exc: RequestValidationError) -> MLServeError:
+    problems = []
+    for e in exc.errors():
+        if e.get("type") == "json_invalid":
+            return BadRequestError("request body is not valid JSON")
+        loc = [str(p) for p in e.get("loc", ())]
+        if loc[:1] in (["body"], ["query"], ["path"]):
+            loc = loc[1:]
+        problems.append({"field": ".".join(loc) or "body", "problem": e.get("msg", "invalid")})
+    return ValidationError("the request does not match the schema", problems=problems)
 
 
-def _schema_error(exc: pydantic.ValidationError) -> ValidationError:
-    problems = [
-        {"field": ".".join(str(p) for p in e["loc"]) or "body", "problem": e["msg"]}
-        for e in exc.errors(include_input=False, include_url=False)
-    ]
-    return ValidationError("the request body does not match the schema", problems=problems)
+# --- routes -----------------------------------------------------------------------------------
+
+router = APIRouter(route_class=MLServeRoute)
+_PREDICTION = {"security": API_KEY_SECURITY}
+_ADMIN = {"security": ADMIN_SECURITY}
 
 
-def _parse(model: type[pydantic.BaseModel], data: object) -> pydantic.BaseModel:
-    try:
-        return model.model_validate(data)
-    except pydantic.ValidationError as exc:
-        raise _schema_error(exc) from None
+def _core(request: Request) -> ClassificationService:
+    return request.state.core
 
 
-def _log_io(core: ClassificationService, rid: str, texts: list[str], outcome: Outcome) -> None:
+def _decision_rule(outcome: Outcome) -> str:
+    return outcome.model.runner.calibrator.decision_rule
+
+
+async def _classify(request: Request, texts: list[str], version: str | None) -> Outcome:
+    """Run one request's texts, log inputs/outputs when enabled, and tag the access log."""
+    core = _core(request)
+    outcome = await core.classify(texts, version)
     if core.settings.log_io:
         obs.json_logger("mlserve.io").info(
             "io",
             extra={
                 "fields": {
-                    "request_id": rid,
+                    "request_id": request.state.rid,
                     "texts": texts,
                     "labels": [p["label"] for p in outcome.predictions()],
                 }
             },
         )
+    request.state.model_version = outcome.model.tag
+    return outcome
 
 
 def _batch_body(outcome: Outcome, rid: str) -> dict:
@@ -121,109 +329,158 @@ def _batch_body(outcome: Outcome, rid: str) -> dict:
         "predictions": outcome.predictions(),
         "total_latency_ms": round(outcome.total_ms, 3),
         "model_version": outcome.model.tag,
-        "decision_rule": outcome.model.runner.calibrator.decision_rule,
+        "decision_rule": _decision_rule(outcome),
         "request_id": rid,
         "timing": outcome.timing(),
     }
 
 
-async def _classify(
-    request: Request, core: ClassificationService, rid: str, texts: list[str], version: str | None
-) -> Outcome:
-    """Run one request's texts, log inputs/outputs when enabled, and tag the access log."""
-    outcome = await core.classify(texts, version)
-    _log_io(core, rid, texts, outcome)
-    request.state.model_version = outcome.model.tag
-    return outcome
-
-
-async def predict(request: Request, core: ClassificationService, rid: str) -> Response:
-    body = _parse(PredictRequest, await _json_body(request, core.settings.max_body_bytes))
-    outcome = await _classify(request, core, rid, [body.text], body.model_version)
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=_PREDICT_ERRORS,
+    openapi_extra=_PREDICTION,
+    tags=["predict"],
+    summary="Classify one text",
+)
+async def predict(request: Request, body: PredictRequest) -> Response:
+    """The label, its confidence and every label's calibrated probability for one text, with
+    the version that computed it and where the time went."""
+    outcome = await _classify(request, [body.text], body.model_version)
     return JSONResponse(
         {
             **outcome.predictions()[0],
             "latency_ms": round(outcome.total_ms, 3),
             "model_version": outcome.model.tag,
-            "decision_rule": outcome.model.runner.calibrator.decision_rule,
-            "request_id": rid,
+            "decision_rule": _decision_rule(outcome),
+            "request_id": request.state.rid,
             "timing": outcome.timing(),
         }
     )
 
 
-async def batch_predict(request: Request, core: ClassificationService, rid: str) -> Response:
-    body = _parse(BatchPredictRequest, await _json_body(request, core.settings.max_body_bytes))
-    outcome = await _classify(request, core, rid, body.texts, body.model_version)
-    return JSONResponse(_batch_body(outcome, rid))
+@router.post(
+    "/batch-predict",
+    response_model=BatchPredictResponse,
+    responses=_PREDICT_ERRORS,
+    openapi_extra=_PREDICTION,
+    tags=["predict"],
+    summary="Classify up to MLSERVE_MAX_BATCH_TEXTS texts",
+)
+async def batch_predict(request: Request, body: BatchPredictRequest) -> Response:
+    """Predictions in input order; only texts missing from the cache reach the model."""
+    outcome = await _classify(request, body.texts, body.model_version)
+    return JSONResponse(_batch_body(outcome, request.state.rid))
 
 
 def _texts_from_upload(name: str, raw: bytes) -> list[str]:
     """Texts from a CSV (``text`` column) or JSONL (objects with ``text``) upload."""
+    lower = name.lower()
+    if not lower.endswith((".csv", ".jsonl", ".ndjson")):
+        raise UnsupportedMediaTypeError("upload a .csv (with a 'text' column) or a .jsonl file")
     try:
         content = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise BadRequestError(f"upload is not UTF-8 text (byte {exc.start} is invalid)") from exc
     if not content.strip():
         raise ValidationError("the uploaded file is empty")
-    if name.lower().endswith(".csv"):
+    if lower.endswith(".csv"):
         try:
             rows = list(csv.DictReader(io.StringIO(content, newline=""), strict=True))
         except csv.Error as exc:
             raise BadRequestError(f"upload is not valid CSV ({exc})") from exc
         if not rows or "text" not in rows[0]:
-            raise ValidationError("the CSV upload needs a 'text' column")
+            raise ValidationError("the CSV upload needs a 'text' column and at least one row")
         texts = [r["text"] for r in rows]
-    elif name.lower().endswith((".jsonl", ".ndjson")):
-        texts = []
-        for lineno, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except (ValueError, RecursionError):
-                raise BadRequestError(f"line {lineno} of the upload is not valid JSON") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValidationError(f"line {lineno} needs a string 'text' field")
-            texts.append(obj["text"])
-    else:
-        raise UnsupportedMediaTypeError("upload a .csv (with a 'text' column) or a .jsonl file")
-    if any(t is None for t in texts):
-        raise BadRequestError("a CSV row has fewer fields than the header")
+        if any(t is None for t in texts):
+            raise BadRequestError("a CSV row has fewer fields than the header")
+        return texts
+    texts = []
+    for lineno, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            raise BadRequestError(f"line {lineno} of the upload is not valid JSON") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ValidationError(f"line {lineno} needs a string 'text' field")
+        texts.append(obj["text"])
     return texts
 
 
-async def batch_predict_file(request: Request, core: ClassificationService, rid: str) -> Response:
-    _require_type(request, "multipart/form-data")
-    await _read_body(request, core.settings.max_upload_bytes)
-    try:
-        form = await request.form(max_files=1, max_fields=8)
-    except Exception as exc:
-        raise BadRequestError("the multipart body could not be parsed") from exc
-    upload = form.get("file")
-    if upload is None or isinstance(upload, str):
-        raise ValidationError("send the file in a multipart field named 'file'")
-    texts = _texts_from_upload(upload.filename or "", await upload.read())
-    version = form.get("model_version") or request.query_params.get("model_version")
-    version = version if isinstance(version, str) else None
-    outcome = await _classify(request, core, rid, texts, version)
-    return JSONResponse(_batch_body(outcome, rid))
+@router.post(
+    "/batch-predict/file",
+    response_model=BatchPredictResponse,
+    responses=_PREDICT_ERRORS,
+    openapi_extra=_PREDICTION,
+    tags=["predict"],
+    summary="Classify the texts of an uploaded CSV or JSONL file",
+)
+async def batch_predict_file(
+    request: Request,
+    file: Annotated[
+        UploadFile,
+        File(description='A .csv with a `text` column, or a .jsonl file of {"text": ...} objects.'),
+    ],
+    model_version: Annotated[str | None, Form(description="As in /predict.")] = None,
+    model_version_query: Annotated[
+        str | None, Query(alias="model_version", description="The same, as a query parameter.")
+    ] = None,
+) -> Response:
+    """One prediction per row or line, in file order (at most MLSERVE_MAX_BATCH_TEXTS)."""
+    texts = _texts_from_upload(file.filename or "", await file.read())
+    outcome = await _classify(request, texts, model_version or model_version_query)
+    return JSONResponse(_batch_body(outcome, request.state.rid))
 
 
-async def health(request: Request, core: ClassificationService, rid: str) -> Response:
+@router.get("/health", response_model=HealthResponse, tags=["probes"], summary="Liveness")
+async def health(request: Request) -> Response:
+    """200 at once, independent of the models."""
     return JSONResponse({"status": "ok"})
 
 
-async def ready(request: Request, core: ClassificationService, rid: str) -> Response:
-    state = core.readiness()
+@router.get(
+    "/ready",
+    response_model=ReadyResponse,
+    responses={503: {"model": ReadyResponse, "description": "Not ready yet (same body)."}},
+    tags=["probes"],
+    summary="Readiness",
+)
+async def ready(request: Request) -> Response:
+    """200 once every start-up model is loaded in every worker and the worker follows the
+    shared model state; 503 (with the same body) before."""
+    state = _core(request).readiness()
     return JSONResponse(state, status_code=200 if state["ready"] else 503)
 
 
-async def version(request: Request, core: ClassificationService, rid: str) -> Response:
-    return JSONResponse(core.version_info())
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+    tags=["probes"],
+    summary="Prometheus metrics, merged over the workers",
+)
+async def metrics(request: Request) -> Response:
+    body, content_type = await asyncio.to_thread(obs.render_metrics)
+    return Response(body, media_type=content_type)
 
 
-async def models(request: Request, core: ClassificationService, rid: str) -> Response:
+@router.get("/version", response_model=VersionResponse, tags=["models"], summary="Versions")
+async def version(request: Request) -> Response:
+    return JSONResponse(_core(request).version_info())
+
+
+@router.get("/gpu", response_model=GpuResponse, tags=["probes"], summary="GPU status")
+async def gpu(request: Request) -> Response:
+    """Each NVIDIA GPU's name, memory, utilisation and temperature (through NVML, the optional
+    `gpu` extra); `{"available": false, "device": "cpu"}` without one."""
+    return JSONResponse(await asyncio.to_thread(gpu_status))
+
+
+@router.get("/models", response_model=ModelsResponse, tags=["models"], summary="Loaded models")
+async def models(request: Request) -> Response:
+    core = _core(request)
     return JSONResponse(
         {
             "models": [m.summary() for m in core.registry.list()],
@@ -233,9 +490,15 @@ async def models(request: Request, core: ClassificationService, rid: str) -> Res
     )
 
 
-async def model_detail(request: Request, core: ClassificationService, rid: str) -> Response:
-    name, ver = request.path_params["name"], request.path_params["version"]
-    model = core.registry.resolve(f"{name}:{ver}")
+@router.get(
+    "/models/{name}/{version}",
+    response_model=ModelDetail,
+    responses=errors(404, 422),
+    tags=["models"],
+    summary="One loaded model, with its metadata and decision rule",
+)
+async def model_detail(request: Request, name: str, version: str) -> Response:
+    model = _core(request).registry.resolve(f"{name}:{version}")
     return JSONResponse({**model.summary(), "metadata": public_metadata(model.metadata)})
 
 
@@ -250,90 +513,92 @@ def public_metadata(metadata: dict) -> dict:
     return {**metadata, "dataset": {**dataset, "source": name or source}}
 
 
-async def metrics(request: Request, core: ClassificationService, rid: str) -> Response:
-    body, content_type = await asyncio.to_thread(obs.render_metrics)
-    return Response(body, media_type=content_type)
-
-
-Auth = Literal["none", "api_key", "admin"]
-
-
-@dataclass(frozen=True)
-class RouteSpec:
-    """One route of the API: its path template, handler, methods and who may call it."""
-
-    path: str
-    handler: Handler
-    methods: tuple[str, ...]
-    auth: Auth = "none"
-
-
-def _authorize(spec: RouteSpec, request: Request, core: ClassificationService) -> None:
-    """The route's access rule, in one place. An admin route's denial is counted and
-    summarised in the audit log (never one line per denied call)."""
-    if spec.auth == "api_key":
-        require_api_key(request.headers, core.settings)
-    elif spec.auth == "admin":
-        try:
-            request.state.actor = require_admin(request.headers.get("authorization"), core.settings)
-        except MLServeError as exc:
-            client = request.client.host if request.client else None
-            core.audit.denied(spec.path, exc.code, client)
-            raise
-
-
-def _endpoint(spec: RouteSpec, get_core: Callable[[], ClassificationService]):
-    access = obs.json_logger("mlserve.access")
-    route, handler = spec.path, spec.handler
-
-    async def endpoint(request: Request) -> Response:
-        start = time.perf_counter()
-        rid = _request_id(request)
-        core = get_core()
-        try:
-            _authorize(spec, request, core)
-            response = await handler(request, core, rid)
-        except MLServeError as exc:
-            obs.observe_error(exc.code)
-            response = JSONResponse(exc.to_dict(rid), status_code=exc.status)
-        except Exception:
-            obs.observe_error("internal_error")
-            access.exception("unhandled error", extra={"fields": {"request_id": rid}})
-            response = JSONResponse(
-                error_body("internal_error", "unexpected server error", rid), status_code=500
-            )
-        elapsed = time.perf_counter() - start
-        response.headers["x-request-id"] = rid
-        if core is not None and core.balancer.seen(request.client):
-            response.headers["connection"] = "close"  # the client reconnects (mlserve.balance)
-        obs.observe_request(route, response.status_code, elapsed)
-        if route not in ("/health", "/ready", "/metrics"):
-            access.info(
-                "request",
-                extra={
-                    "fields": {
-                        "request_id": rid,
-                        "route": route,
-                        "status": response.status_code,
-                        "latency_ms": round(elapsed * 1000, 3),
-                        "model_version": getattr(request.state, "model_version", None),
-                    }
-                },
-            )
-        return response
-
-    return endpoint
-
-
-async def model_drift(request: Request, core: ClassificationService, rid: str) -> Response:
-    name, ver = request.path_params["name"], request.path_params["version"]
-    core.registry.resolve(f"{name}:{ver}")  # 422 for unsafe names, 404 for unknown ones
+@router.get(
+    "/models/{name}/{version}/drift",
+    response_model=DriftReport,
+    responses=errors(401, 404, 422),
+    openapi_extra=_PREDICTION,
+    tags=["models"],
+    summary="Drift of this worker's recent traffic against the training reference",
+)
+async def model_drift(request: Request, name: str, version: str) -> Response:
+    core = _core(request)
+    core.registry.resolve(f"{name}:{version}")  # 422 for unsafe names, 404 for unknown ones
     # Computed off the event loop (or reused, if no input arrived since the last report).
-    return JSONResponse(await asyncio.to_thread(core.drift_report, name, ver))
+    return JSONResponse(await asyncio.to_thread(core.drift_report, name, version))
 
 
-async def admin_stats(request: Request, core: ClassificationService, rid: str) -> Response:
-    return JSONResponse(await asyncio.to_thread(core.stats))
+@router.get(
+    "/admin/stats",
+    response_model=StatsResponse,
+    responses=_ADMIN_READ_ERRORS,
+    openapi_extra=_ADMIN,
+    tags=["admin"],
+    summary="Live figures from the metrics, and every worker's models",
+)
+async def admin_stats(request: Request) -> Response:
+    return JSONResponse(await asyncio.to_thread(_core(request).stats))
+
+
+@router.get(
+    "/admin/models",
+    response_model=ControlStatus,
+    responses=_ADMIN_READ_ERRORS,
+    openapi_extra=_ADMIN,
+    tags=["admin"],
+    summary="The desired model state and every live worker's record",
+)
+async def admin_models(request: Request) -> Response:
+    return JSONResponse(await asyncio.to_thread(_core(request).control.status))
+
+
+@router.get(
+    "/admin/config",
+    response_model=ConfigResponse,
+    responses=_ADMIN_READ_ERRORS,
+    openapi_extra=_ADMIN,
+    tags=["admin"],
+    summary="The effective configuration (each value's source, secrets masked)",
+)
+async def admin_config(request: Request) -> Response:
+    from mlserve.config import effective_config
+
+    return JSONResponse(effective_config(_core(request).settings))
+
+
+async def _change(request: Request, run: Callable[[], Any]) -> Response:
+    """An admin change: refused (503) unless it can be audited; 200 once every worker applied
+    it, else 202. The route audits it either way (MLServeRoute)."""
+    _core(request).audit.log.check()
+    result = await run()
+    request.state.audit_result = result
+    return JSONResponse(result, status_code=200 if result["complete"] else 202)
+
+
+_CHANGE = dict(
+    response_model=AdminChangeResult,
+    responses={**_ADMIN_CHANGE_OK, **_ADMIN_CHANGE_ERRORS},
+    openapi_extra=_ADMIN,
+    tags=["admin"],
+)
+
+
+@router.post("/admin/models/load", summary="Load a stored version on every worker", **_CHANGE)
+async def admin_load(request: Request, body: LoadModelRequest) -> Response:
+    control = _core(request).control
+    return await _change(request, lambda: control.load(body.tag, body.make_default))
+
+
+@router.post("/admin/models/default", summary="Make a loaded version the default", **_CHANGE)
+async def admin_default(request: Request, body: SetDefaultRequest) -> Response:
+    control = _core(request).control
+    return await _change(request, lambda: control.set_default(body.name, body.version))
+
+
+@router.post("/admin/models/unload", summary="Unload a version everywhere", **_CHANGE)
+async def admin_unload(request: Request, body: UnloadModelRequest) -> Response:
+    control = _core(request).control
+    return await _change(request, lambda: control.unload(body.tag))
 
 
 def _audit(
@@ -341,21 +606,32 @@ def _audit(
     core: ClassificationService,
     rid: str,
     action: str,
-    target: dict,
     error: MLServeError | None,
-    result: dict | None = None,
 ) -> None:
     """Write one authenticated change (or its failure) to the audit log, durably."""
+    target: dict = {}
+    try:
+        raw = json.loads(getattr(request, "_body", b"") or b"null")
+    except (ValueError, RecursionError):
+        raw = None
+    if isinstance(raw, dict):
+        # What was asked for, as sent (bounded: the log must not grow by request size).
+        target = {
+            str(k)[:64]: v[:200] if isinstance(v, str) else v
+            for k, v in list(raw.items())[:8]
+            if isinstance(v, str | bool)
+        }
     entry = {
         "ts": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
-        "actor": getattr(request.state, "actor", None),
+        "actor": request.state.actor,
         "action": action,
         "target": target,
         "request_id": rid,
         "client": request.client.host if request.client else None,
         "worker": core.control.worker_id,
     }
-    if result is not None:
+    result = getattr(request.state, "audit_result", None)
+    if error is None and result is not None:
         entry.update(
             result="ok" if result["complete"] else "partial",
             status=200 if result["complete"] else 202,
@@ -364,6 +640,8 @@ def _audit(
         )
     elif error is not None:
         entry.update(result="error", status=error.status, error=error.code, message=error.message)
+    else:
+        entry.update(result="error", status=500, error="internal_error")
     try:
         core.audit.record(entry)
     except OSError:
@@ -372,125 +650,85 @@ def _audit(
         )
 
 
-def _admin_change(action: str, schema: type[pydantic.BaseModel], run: Callable) -> Handler:
-    """An authenticated, audited change to the loaded models (``run(core, body)``)."""
+# --- the app ----------------------------------------------------------------------------------
 
-    async def handler(request: Request, core: ClassificationService, rid: str) -> Response:
-        target: dict = {}
-        try:
-            raw = await _json_body(request, core.settings.max_body_bytes)
-            if isinstance(raw, dict):
-                # What was asked for, as sent (bounded: the log must not grow by request size).
-                target = {
-                    str(k)[:64]: v[:200] if isinstance(v, str) else v
-                    for k, v in list(raw.items())[:8]
-                    if isinstance(v, str | bool)
-                }
-            body = _parse(schema, raw)
-            core.audit.log.check()  # no change that could not be recorded
-            result = await run(core, body)
-        except MLServeError as exc:
-            _audit(request, core, rid, action, target, exc)
-            raise
-        _audit(request, core, rid, action, target, None, result)
-        return JSONResponse(result, status_code=200 if result["complete"] else 202)
+DESCRIPTION = """\
+Text classification with several model versions, batched adaptively per worker.
 
-    return handler
+**The decision rule.** `label` is chosen by the model's decision rule, named in every answer as
+`decision_rule`: `argmax` (the most probable label) or `prior_corrected_argmax` (the label with
+the largest probability x weight, weights proportional to 1 / the label's share of the training
+data, chosen by training on validation macro-F1). With the latter a rare label can win with
+less probability than a common one; `probabilities` are never reweighted.
+`GET /models/{name}/{version}` shows the rule and its weights.
+
+**Errors** are JSON (`ErrorBody`): `{"error": code, "message", "details"?, "request_id"}`.
+
+**Security.** Predict and drift routes need an API key (`X-API-Key` or a bearer token) when
+`MLSERVE_API_KEYS` is set; admin routes need `MLSERVE_ADMIN_TOKEN` as a bearer token.
+"""
 
 
-admin_load = _admin_change(
-    "load", LoadModelRequest, lambda core, b: core.control.load(b.tag, b.make_default)
-)
-admin_default = _admin_change(
-    "default", SetDefaultRequest, lambda core, b: core.control.set_default(b.name, b.version)
-)
-admin_unload = _admin_change(
-    "unload", UnloadModelRequest, lambda core, b: core.control.unload(b.tag)
-)
+def create_app(get_core: Callable[[], ClassificationService], *, docs: bool = True) -> FastAPI:
+    """The mlserve API; ``get_core`` returns this worker's service core. ``docs`` serves
+    ``/openapi.json`` and the offline ``/docs`` page (MLSERVE_DOCS_ENABLED)."""
+    app = FastAPI(
+        title="mlserve",
+        version=mlserve.__version__,
+        description=DESCRIPTION,
+        openapi_url="/openapi.json" if docs else None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.get_core = get_core
+    app.include_router(router)
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+            _drop_fastapi_validation_error(schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
 
-async def admin_models(request: Request, core: ClassificationService, rid: str) -> Response:
-    return JSONResponse(await asyncio.to_thread(core.control.status))
+    app.openapi = openapi  # type: ignore[method-assign]
+    if docs:
+        from mlserve.docs import ASSETS_URL, assets_dir, docs_page
 
+        app.mount(ASSETS_URL, StaticFiles(directory=assets_dir()), name="docs-assets")
 
-async def admin_config(request: Request, core: ClassificationService, rid: str) -> Response:
-    """The server's effective configuration: each value's source, secrets masked."""
-    from mlserve.config import effective_config
+        @app.get("/docs", include_in_schema=False)
+        async def docs_ui() -> HTMLResponse:
+            return HTMLResponse(docs_page("/openapi.json", app.title)[0])
 
-    return JSONResponse(effective_config(core.settings))
-
-
-ROUTES: list[RouteSpec] = [
-    RouteSpec("/predict", predict, ("POST",), "api_key"),
-    RouteSpec("/batch-predict", batch_predict, ("POST",), "api_key"),
-    RouteSpec("/batch-predict/file", batch_predict_file, ("POST",), "api_key"),
-    RouteSpec("/health", health, ("GET",)),
-    RouteSpec("/ready", ready, ("GET",)),
-    RouteSpec("/metrics", metrics, ("GET",)),
-    RouteSpec("/version", version, ("GET",)),
-    RouteSpec("/models", models, ("GET",)),
-    RouteSpec("/models/{name}/{version}", model_detail, ("GET",)),
-    RouteSpec("/models/{name}/{version}/drift", model_drift, ("GET",), "api_key"),
-    RouteSpec("/admin/stats", admin_stats, ("GET",), "admin"),
-    RouteSpec("/admin/models", admin_models, ("GET",), "admin"),
-    RouteSpec("/admin/models/load", admin_load, ("POST",), "admin"),
-    RouteSpec("/admin/models/default", admin_default, ("POST",), "admin"),
-    RouteSpec("/admin/models/unload", admin_unload, ("POST",), "admin"),
-    RouteSpec("/admin/config", admin_config, ("GET",), "admin"),
-]
-
-
-class JsonNotFoundMiddleware:
-    """Turn the plain-text 404 of BentoML's outer router (unknown paths) into a JSON error."""
-
-    def __init__(self, app: Callable) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        replaced = False
-
-        async def guarded_send(message: dict) -> None:
-            nonlocal replaced
-            if message["type"] == "http.response.start" and message["status"] == 404:
-                headers = dict(message.get("headers") or [])
-                if headers.get(b"content-type", b"").startswith(b"text/plain"):
-                    replaced = True
-                    body = json.dumps(error_body("not_found", "no route for this path")).encode()
-                    await send(
-                        {
-                            "type": "http.response.start",
-                            "status": 404,
-                            "headers": [
-                                (b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                            ],
-                        }
-                    )
-                    await send({"type": "http.response.body", "body": body})
-                    return
-            if replaced:  # swallow the original plain-text body
-                return
-            await send(message)
-
-        await self.app(scope, receive, guarded_send)
-
-
-def create_app(get_core: Callable[[], ClassificationService]) -> Starlette:
-    """The mlserve routes; ``get_core`` returns this worker's service core."""
-    routes = [
-        Route(spec.path, _endpoint(spec, get_core), methods=list(spec.methods)) for spec in ROUTES
-    ]
-
-    async def not_found(request: Request, exc: Exception) -> Response:
+    async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
-        if status == 404:
-            return JSONResponse(error_body("not_found", "no route for this path"), 404)
-        return JSONResponse(
-            error_body("method_not_allowed", f"{request.method} is not allowed on this route"),
-            status,
-        )
+        if status == 405:
+            body = error_body("method_not_allowed", f"{request.method} is not allowed here")
+        else:
+            body = error_body("not_found", "no route for this path")
+            status = 404
+        return JSONResponse(body, status_code=status)
 
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    return app
+
+
+def _drop_fastapi_validation_error(schema: dict) -> None:
+    """FastAPI documents a 422 of its own shape on every route with a body; mlserve answers 422
+    with the shared error body, which each route declares itself."""
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            response = operation.get("responses", {}).get("422")
+            if response and "HTTPValidationError" in json.dumps(response):
+                response["content"] = {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                }
+    components = schema.get("components", {}).get("schemas", {})
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)

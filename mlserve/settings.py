@@ -63,11 +63,22 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "max_batch_texts",
         "max_upload_mb",
         "max_request_kb",
+        "body_timeout_seconds",
+        "max_header_kb",
         "infer_timeout_seconds",
         "max_tokens",
     ),
     "compute": ("device", "torch_threads", "blas_threads", "workers", "balance_connections"),
-    "http": ("host", "port", "cors_origins", "log_io", "api_keys"),
+    "http": (
+        "host",
+        "port",
+        "cors_origins",
+        "log_io",
+        "api_keys",
+        "docs_enabled",
+        "ssl_certfile",
+        "ssl_keyfile",
+    ),
     "admin": (
         "admin_enabled",
         "admin_token",
@@ -388,6 +399,16 @@ class Settings(BaseSettings):
     max_request_kb: int = Field(
         2048, ge=1, description="Largest accepted JSON request body, in KiB."
     )
+    body_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="A request body that has not fully arrived within this many seconds (a slow "
+        "client, or a body shorter than its Content-Length) gets 408.",
+    )
+    max_header_kb: int = Field(
+        64, ge=8, le=1024, description="Largest accepted request header block, in KiB (431)."
+    )
     infer_timeout_seconds: float = Field(
         10.0, gt=0, description="A request waiting longer than this for inference gets 504."
     )
@@ -425,6 +446,17 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (comma-separated); empty = off."
     )
+    docs_enabled: bool = Field(
+        True,
+        description="Serve the OpenAPI description (/openapi.json) and the interactive docs "
+        "(/docs, assets served locally, no CDN).",
+    )
+    ssl_certfile: str | None = Field(
+        None,
+        description="PEM certificate (chain) to serve HTTPS; needs MLSERVE_SSL_KEYFILE. Unset = "
+        "plain HTTP (terminate TLS at a proxy instead, see DEPLOYMENT.md).",
+    )
+    ssl_keyfile: str | None = Field(None, description="PEM private key for MLSERVE_SSL_CERTFILE.")
     log_io: bool = Field(
         False,
         description="Log request texts and predictions. Off by default: texts may be private.",
@@ -595,6 +627,20 @@ class Settings(BaseSettings):
         if self.control_backend == "redis" and not self.redis_url:
             raise ValueError("MLSERVE_CONTROL_BACKEND=redis needs MLSERVE_REDIS_URL")
         return self
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        given = [f for f in (self.ssl_certfile, self.ssl_keyfile) if f]
+        if len(given) == 1:
+            raise ValueError("MLSERVE_SSL_CERTFILE and MLSERVE_SSL_KEYFILE go together")
+        for path in given:
+            if not os.access(path, os.R_OK):
+                raise ValueError(f"TLS file {path!r} (MLSERVE_SSL_*) cannot be read")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ssl_certfile and self.ssl_keyfile)
 
     @model_validator(mode="after")
     def _keys_apart_from_admin(self) -> Settings:

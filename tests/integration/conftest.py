@@ -189,6 +189,7 @@ class Server:
     env: dict[str, str]
     log_path: Path
     proc: subprocess.Popen
+    verify: str | bool = True  # a CA file for a server with a self-signed certificate
     _stopped: bool = field(default=False, repr=False)
 
     def log(self, chars: int = 6000) -> str:
@@ -196,6 +197,7 @@ class Server:
         return _tail(self.log_path, chars)
 
     def client(self, **kwargs) -> httpx.Client:
+        kwargs.setdefault("verify", self.verify)
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60.0), **kwargs)
 
     def stop(self) -> None:
@@ -251,7 +253,7 @@ def wait_for(server: Server, path: str, status: int, timeout: float) -> httpx.Re
     """Poll ``GET path`` until it answers ``status``; fail with the server's log otherwise."""
     deadline = time.monotonic() + timeout
     last: object = None
-    with httpx.Client(base_url=server.url, timeout=5.0) as client:
+    with httpx.Client(base_url=server.url, timeout=5.0, verify=server.verify) as client:
         while time.monotonic() < deadline:
             if server.proc.poll() is not None:
                 server.stop()
@@ -282,7 +284,8 @@ def start_server(
 ) -> Iterator[Callable[..., Server]]:
     """Factory: ``start_server(MLSERVE_MODELS="sentiment:v1", ...)`` -> a healthy :class:`Server`
     (``ready=True`` also waits for ``GET /ready`` to answer 200; ``models_dir`` replaces the
-    shared store's ``models`` folder, for tests that add models to it).
+    shared store's ``models`` folder, for tests that add models to it; ``tls_ca`` is the CA file
+    of a server started with MLSERVE_SSL_*, which is then reached over HTTPS).
 
     The server runs from an empty temporary folder and reads its models from ``model_home``; its
     output goes to a file (``server.log()``). Servers still running at the end of the session are
@@ -290,7 +293,13 @@ def start_server(
     """
     servers: list[Server] = []
 
-    def start(*, ready: bool = False, models_dir: Path | None = None, **overrides: str) -> Server:
+    def start(
+        *,
+        ready: bool = False,
+        models_dir: Path | None = None,
+        tls_ca: str | None = None,
+        **overrides: str,
+    ) -> Server:
         port = _free_port()
         workdir = tmp_path_factory.mktemp("server")
         log_path = workdir / "server.log"
@@ -303,6 +312,8 @@ def start_server(
         env = clean_env(BENTOML_HOME=str(home), **{k: str(v) for k, v in overrides.items()})
         target = ["service:MLServe", "--working-dir", str(REPO)]
         server = launch(target, port, env, workdir, log_path, overrides)
+        if tls_ca:  # the server speaks HTTPS with a certificate signed by tls_ca
+            server.url, server.verify = server.url.replace("http://", "https://"), tls_ca
         servers.append(server)
         wait_for(server, "/health", 200, HEALTH_TIMEOUT_S)
         if ready:
