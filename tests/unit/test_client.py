@@ -424,3 +424,67 @@ def test_both_flavours_have_the_same_methods() -> None:
     public = {n for n in dir(mc._Calls) if not n.startswith("_")} - {"build", "call"}
     for cls in (Client, AsyncClient):
         assert public <= {n for n in dir(cls) if not n.startswith("_")}
+
+
+# --- the CLI's --server commands go through the client ----------------------------------------
+@pytest.fixture
+def cli_server(monkeypatch: pytest.MonkeyPatch):
+    """Point the CLI's client at a Recorder; returns a function that installs one."""
+    import functools
+
+    def install(*answers) -> Recorder:
+        rec = Recorder(*answers)
+        client = functools.partial(Client, transport=httpx.MockTransport(rec))
+        monkeypatch.setattr(mc, "Client", client)
+        return rec
+
+    monkeypatch.setenv("MLSERVE_ADMIN_TOKEN", TOKEN)
+    return install
+
+
+def cli(*args: str):
+    from typer.testing import CliRunner
+
+    from mlserve.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_promote_and_unload(cli_server) -> None:
+    rec = cli_server(json_answer(200, CHANGE))
+    result = cli("promote", "sentiment:v2", "--server", URL + "/")
+    assert result.exit_code == 0, result.output
+    assert "generation 3: loaded sentiment:v1, sentiment:v2; defaults sentiment:v2" in result.output
+    assert "applied on all 1 workers" in result.output
+    (request,) = rec.requests
+    assert str(request.url) == f"{URL}/admin/models/default"
+    assert request.headers["authorization"] == f"Bearer {TOKEN}"
+    assert json.loads(request.content) == {"name": "sentiment", "version": "v2"}
+
+    partial = {**CHANGE, "complete": False, "lagging": ["w2"], "failed": {"w3": {"t": "boom"}}}
+    cli_server(json_answer(202, partial))
+    result = cli("unload", "sentiment:v1", "--server", URL)
+    assert result.exit_code == 2
+    assert "worker w2 has not applied it yet" in result.output and "boom" in result.output
+
+
+def test_cli_errors_keep_their_messages_and_exit_codes(cli_server) -> None:
+    cli_server(error_answer(409, "model_state_conflict", "sentiment:v1 is the default version"))
+    result = cli("unload", "sentiment:v1", "--server", URL)
+    assert result.exit_code == 1
+    assert "409: sentiment:v1 is the default version" in result.output
+    cli_server(httpx.Response(502, text="bad gateway"))
+    result = cli("stats", "--server", URL)
+    assert result.exit_code == 1 and "502: bad gateway" in result.output
+    cli_server(httpx.ConnectError("[Errno 111] Connection refused"))
+    result = cli("list", "--server", URL)
+    assert result.exit_code == 1 and "cannot reach" in result.output
+    assert "Connection refused" in result.output and "Traceback" not in result.output
+
+
+def test_cli_needs_the_admin_token(cli_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = cli_server(json_answer(200, CHANGE))
+    monkeypatch.delenv("MLSERVE_ADMIN_TOKEN")
+    result = cli("promote", "sentiment:v2", "--server", URL)
+    assert result.exit_code == 1 and "MLSERVE_ADMIN_TOKEN" in result.output
+    assert rec.requests == []
