@@ -22,6 +22,7 @@ import datetime
 import email.utils
 import json
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -485,10 +486,24 @@ def _advance(flow: Flow[Any], result: Any, error: MLServeClientError | None) -> 
     return False, step
 
 
-def _http_options(timeout: float | httpx.Timeout | None, verify: Any) -> dict[str, Any]:
+Verify = bool | str | os.PathLike | ssl.SSLContext
+
+
+def _ssl(verify: Verify) -> bool | ssl.SSLContext:
+    """httpx's ``verify``: True, False, an SSL context, or one trusting a CA bundle file (or a
+    folder of certificates), e.g. a self-signed server certificate."""
+    if isinstance(verify, bool | ssl.SSLContext):
+        return verify
+    path = os.fspath(verify)
+    if os.path.isdir(path):
+        return ssl.create_default_context(capath=path)
+    return ssl.create_default_context(cafile=path)
+
+
+def _http_options(timeout: float | httpx.Timeout | None, verify: Verify) -> dict[str, Any]:
     # Idle pooled connections are dropped before uvicorn's 5 s keep-alive closes them.
     limits = httpx.Limits(keepalive_expiry=2.0)
-    return {"timeout": timeout, "verify": verify, "limits": limits}
+    return {"timeout": timeout, "verify": _ssl(verify), "limits": limits}
 
 
 class _ClientBase:
@@ -516,7 +531,7 @@ class Client(_ClientBase):
         api_key: str | None = None,
         admin_token: str | None = None,
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
-        verify: Any = True,
+        verify: Verify = True,
         transport: httpx.BaseTransport | None = None,
         httpx_client: httpx.Client | None = None,
     ) -> None:
@@ -624,7 +639,7 @@ class AsyncClient(_ClientBase):
         api_key: str | None = None,
         admin_token: str | None = None,
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
-        verify: Any = True,
+        verify: Verify = True,
         transport: httpx.AsyncBaseTransport | None = None,
         httpx_client: httpx.AsyncClient | None = None,
     ) -> None:

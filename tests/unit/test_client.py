@@ -488,3 +488,15 @@ def test_cli_needs_the_admin_token(cli_server, monkeypatch: pytest.MonkeyPatch) 
     result = cli("promote", "sentiment:v2", "--server", URL)
     assert result.exit_code == 1 and "MLSERVE_ADMIN_TOKEN" in result.output
     assert rec.requests == []
+
+
+def test_verify_takes_a_certificate_file(tmp_path) -> None:
+    import ssl
+
+    import certifi
+
+    assert isinstance(mc._ssl(certifi.where()), ssl.SSLContext)
+    assert mc._ssl(False) is False and mc._ssl(True) is True
+    with pytest.raises(FileNotFoundError):
+        mc._ssl(tmp_path / "missing.pem")
+    Client("https://mlserve.test", verify=certifi.where()).close()
