@@ -247,7 +247,7 @@ def _safe_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
-def _transport_error(exc: httpx.TransportError, url: str) -> MLServeConnectionError:
+def _transport_error(exc: httpx.RequestError, url: str) -> MLServeConnectionError:
     """A typed error for a failed exchange, naming the error type and the (credential-free) URL.
     The httpx exception is not chained: its request carries the key and token headers."""
     detail = str(exc) or type(exc).__name__
@@ -513,7 +513,7 @@ class _ClientBase:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({_safe_url(self._calls.base_url)!r})"
 
-    def _connection_error(self, exc: httpx.TransportError) -> MLServeConnectionError:
+    def _connection_error(self, exc: httpx.RequestError) -> MLServeConnectionError:
         return _transport_error(exc, _safe_url(self._calls.base_url))
 
 
@@ -543,7 +543,7 @@ class Client(_ClientBase):
     def _send(self, call: _Call[T]) -> T:
         try:
             response = self._http.send(call.request)
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise self._connection_error(exc) from None
         return call.parse(response)
 
@@ -653,7 +653,7 @@ class AsyncClient(_ClientBase):
     async def _send(self, call: _Call[T]) -> T:
         try:
             response = await self._http.send(call.request)
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise self._connection_error(exc) from None
         return call.parse(response)
 
