@@ -101,13 +101,17 @@ async def against_server(
 ) -> Result:
     import httpx
 
+    from mlserve.client import AsyncClient
+
     limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=2.0)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+    async with (
+        httpx.AsyncClient(limits=limits, timeout=60) as http,
+        AsyncClient(url, httpx_client=http) as client,
+    ):
 
         async def send(text: str) -> tuple[bool, bool]:
-            response = await client.post("/predict", json={"text": text, "model_version": model})
-            ok = response.status_code == 200
-            return ok, ok and bool(response.json().get("cached"))
+            # An error answer raises a typed error, which _drive counts as an error.
+            return True, (await client.predict(text, model)).cached
 
         result = await _drive(send, texts, concurrency, progress)
     result.target = url

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from mlserve.errors import MLServeError
+
+if TYPE_CHECKING:
+    from mlserve.client import Client
+    from mlserve.schemas import AdminChangeResult
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="mlserve: train, store and serve text classifiers with BentoML.",
@@ -187,7 +194,8 @@ def list_cmd(
         )
     console.print(table)
     if server:
-        _print_server_models(_admin_call(server, "GET", "/admin/models")[1])
+        status = _admin_call(server, lambda client: client.admin_models())
+        _print_server_models(status.model_dump(exclude_unset=True))
 
 
 def _print_server_models(status: dict) -> None:
@@ -211,44 +219,34 @@ def _print_server_models(status: dict) -> None:
     console.print(table)
 
 
-def _admin_call(server: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    """Call an admin route with MLSERVE_ADMIN_TOKEN; exit with the server's message on error."""
-    import httpx
+def _admin_call(server: str, call: Callable[[Client], T]) -> T:
+    """``call(client)`` with a :class:`mlserve.client.Client` holding MLSERVE_ADMIN_TOKEN; exit
+    with the server's message on error."""
+    from mlserve.client import Client, MLServeClientError, MLServeConnectionError
 
     token = os.environ.get("MLSERVE_ADMIN_TOKEN", "")
     if not token:
         raise _fail("set MLSERVE_ADMIN_TOKEN to the server's admin token")
     try:
-        response = httpx.request(
-            method,
-            server.rstrip("/") + path,
-            json=body,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=120,
-        )
-    except httpx.HTTPError as exc:
-        raise _fail(f"cannot reach {server}: {exc}") from None
-    try:
-        data = response.json()
-    except ValueError:
-        data = {"message": response.text[:500]}
-    if response.status_code >= 300:
-        raise _fail(f"{response.status_code}: {data.get('message', data)}")
-    return response.status_code, data
+        with Client(server, admin_token=token, timeout=120) as client:
+            return call(client)
+    except MLServeConnectionError as exc:
+        raise _fail(exc.message) from None
+    except MLServeClientError as exc:
+        raise _fail(f"{exc.status}: {exc.message}") from None
 
 
-def _report_change(status: int, result: dict) -> None:
-    defaults = ", ".join(f"{n}:{v}" for n, v in sorted(result["defaults"].items()))
+def _report_change(result: AdminChangeResult) -> None:
+    defaults = ", ".join(f"{n}:{v}" for n, v in sorted(result.defaults.items()))
     console.print(
-        f"generation {result['generation']}: loaded {', '.join(result['models'])}; "
-        f"defaults {defaults}"
+        f"generation {result.generation}: loaded {', '.join(result.models)}; defaults {defaults}"
     )
-    if result["complete"]:
-        console.print(f"[green]applied on all {len(result['workers'])} workers[/]")
+    if result.complete:
+        console.print(f"[green]applied on all {len(result.workers)} workers[/]")
         return
-    for worker in result["lagging"]:
+    for worker in result.lagging:
         err.print(f"[yellow]worker {worker} has not applied it yet[/]")
-    for worker, errors in result["failed"].items():
+    for worker, errors in result.failed.items():
         err.print(f"[red]worker {worker} failed:[/] {errors}")
     raise typer.Exit(2)
 
@@ -287,8 +285,7 @@ def load_cmd(
         raise _fail(getattr(exc, "message", str(exc))) from None
     console.print(f"[green]stored[/] {stored.tag} ({len(stored.metadata['files'])} files verified)")
     if server:
-        body = {"tag": stored.tag, "make_default": make_default}
-        _report_change(*_admin_call(server, "POST", "/admin/models/load", body))
+        _report_change(_admin_call(server, lambda client: client.load(stored.tag, make_default)))
 
 
 @app.command("promote")
@@ -298,8 +295,7 @@ def promote_cmd(
 ) -> None:
     """Make a loaded version its name's default on a running server (every worker)."""
     name, _, version = tag.partition(":")
-    body = {"name": name, "version": version}
-    _report_change(*_admin_call(server, "POST", "/admin/models/default", body))
+    _report_change(_admin_call(server, lambda client: client.set_default(name, version)))
 
 
 @app.command("unload")
@@ -308,7 +304,7 @@ def unload_cmd(
     server: Annotated[str, SERVER_OPTION] = "http://127.0.0.1:3000",
 ) -> None:
     """Unload a (non-default) version from a running server (every worker)."""
-    _report_change(*_admin_call(server, "POST", "/admin/models/unload", {"tag": tag}))
+    _report_change(_admin_call(server, lambda client: client.unload(tag)))
 
 
 @app.command("serve")
@@ -434,7 +430,7 @@ def stats_cmd(
     """Live statistics of a running server (needs MLSERVE_ADMIN_TOKEN in the environment)."""
     import json
 
-    stats = _admin_call(server, "GET", "/admin/stats")[1]
+    stats = _admin_call(server, lambda client: client.stats()).model_dump(exclude_unset=True)
     if as_json:
         print(json.dumps(stats, indent=2))
         return
@@ -522,7 +518,7 @@ def config_show_cmd(
     from mlserve.config import effective_config, render_yaml
 
     if server:
-        config = _admin_call(server, "GET", "/admin/config")[1]
+        config = _admin_call(server, lambda c: c.config()).model_dump(exclude_unset=True)
     else:
         from mlserve.settings import Settings
 

@@ -210,18 +210,24 @@ def test_cli_serve_hands_the_file_read_here_to_the_workers(monkeypatch: pytest.M
 
 
 def test_cli_config_show_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlserve.cli
+    import functools
+
+    import httpx
+
+    import mlserve.client
 
     config = effective_config(Settings(admin_token=TOKEN, max_batch_size=4))
     calls = []
 
-    def fake_admin_call(server, method, path):
-        calls.append((server, method, path))
-        return 200, config
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append((str(request.url), request.method, request.headers["authorization"]))
+        return httpx.Response(200, json=config)
 
-    monkeypatch.setattr(mlserve.cli, "_admin_call", fake_admin_call)
+    client = functools.partial(mlserve.client.Client, transport=httpx.MockTransport(handler))
+    monkeypatch.setattr(mlserve.client, "Client", client)
+    monkeypatch.setenv("MLSERVE_ADMIN_TOKEN", TOKEN)
     result = CliRunner().invoke(app, ["config", "show", "--server", "http://srv:3000"])
     assert result.exit_code == 0, result.output
-    assert calls == [("http://srv:3000", "GET", "/admin/config")]
+    assert calls == [("http://srv:3000/admin/config", "GET", f"Bearer {TOKEN}")]
     assert result.output == render_yaml(config)
     assert yaml.safe_load(result.output)["batching"]["max_batch_size"] == 4
