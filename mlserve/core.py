@@ -21,6 +21,7 @@ from mlserve.cache import PredictionCache, make_backend
 from mlserve.control import Controller, make_store
 from mlserve.drift import DriftMonitor
 from mlserve.errors import MLServeError, ModelLoadError, ValidationError
+from mlserve.ratelimit import RateLimiter
 from mlserve.registry import LoadedModel, ModelLoader, ModelRegistry
 from mlserve.settings import Settings
 from runners import load_runner
@@ -85,6 +86,13 @@ class ClassificationService:
             PredictionCache(backend, settings.cache_prefix, obs.observe_cache) if backend else None
         )
         self.audit = AdminAudit(settings, self.control.worker_id)
+        self.rate_limiter = RateLimiter(
+            settings.rate_limit,
+            settings.admin_rate_limit,
+            settings.redis_url,
+            settings.cache_prefix,
+            obs.observe_rate_limit_event,
+        )
         self.git_revision = _git_revision()
         self._tasks: list[asyncio.Task] = []
 
@@ -319,6 +327,8 @@ class ClassificationService:
             },
             # A failing cache never makes the service unready: requests go on without it.
             "cache": self.cache.backend.status() if self.cache else {"backend": "off"},
+            # Nor a failing rate limiter: it lets traffic through (fail open).
+            "rate_limit": self.rate_limiter.status(),
         }
 
     async def aclose(self) -> None:

@@ -45,6 +45,7 @@ from mlserve.errors import (
     BadRequestError,
     MLServeError,
     PayloadTooLargeError,
+    RateLimitedError,
     RequestTimeoutError,
     UnsupportedMediaTypeError,
     ValidationError,
@@ -109,6 +110,7 @@ ERRORS = {
     413: "The body is over MLSERVE_MAX_REQUEST_KB (JSON) or MLSERVE_MAX_UPLOAD_MB (uploads).",
     415: "Wrong Content-Type, or an upload that is neither .csv nor .jsonl.",
     422: "The body does not match the schema, or a value is out of bounds.",
+    429: "Over the rate limit (MLSERVE_RATE_LIMIT or MLSERVE_ADMIN_RATE_LIMIT); see Retry-After.",
     431: "The request's headers are over MLSERVE_MAX_HEADER_KB.",
     500: "A bug in the service (no detail leaves the server).",
     503: "No model is ready yet, the control store is down, or the audit log cannot be written.",
@@ -116,9 +118,28 @@ ERRORS = {
 }
 
 
+_RATE_HEADERS = {
+    "Retry-After": {
+        "description": "Seconds until a request may succeed.",
+        "schema": {"type": "integer"},
+    },
+    "RateLimit-Limit": {
+        "description": "Requests allowed in the tightest window.",
+        "schema": {"type": "integer"},
+    },
+    "RateLimit-Remaining": {"description": "Requests left in it.", "schema": {"type": "integer"}},
+    "RateLimit-Reset": {"description": "Seconds until it frees up.", "schema": {"type": "integer"}},
+}
+
+
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The documented error answers of a route: each has the shared error body."""
-    return {code: {"model": ErrorBody, "description": ERRORS[code]} for code in (*codes, 500)}
+    """The documented error answers of a route: each has the shared error body. Every route
+    but the probes can be rate limited (429)."""
+    out: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorBody, "description": ERRORS[code]} for code in (*codes, 500)
+    }
+    out[429] = {"model": ErrorBody, "description": ERRORS[429], "headers": _RATE_HEADERS}
+    return out
 
 
 _PREDICT_ERRORS = errors(400, 401, 404, 408, 413, 415, 422, 503, 504)
@@ -172,7 +193,12 @@ class MLServeRoute(APIRoute):
             request.state.core, request.state.rid = core, rid
             error: MLServeError | None = None
             try:
-                _authorize(_auth_of(self), route, request, core)
+                auth = _auth_of(self)
+                if auth == "admin":  # counted per address before the token is looked at
+                    await _limit(core, "admin", route, request, None)
+                _authorize(auth, route, request, core)
+                if auth != "admin" and route not in UNLIMITED:
+                    await _limit(core, "predict", route, request, _api_key_of(request, core))
                 media = _media_of(self)
                 if media is not None:
                     await _read_body(request, media, core)
@@ -201,6 +227,8 @@ class MLServeRoute(APIRoute):
                 _audit(request, core, rid, AUDITED[route], error)
             elapsed = time.perf_counter() - start
             response.headers["x-request-id"] = rid
+            for name, value in getattr(request.state, "ratelimit", {}).items():
+                response.headers[name] = value
             if core is not None and core.balancer.seen(request.client):
                 response.headers["connection"] = "close"  # the client reconnects (balance.py)
             obs.observe_request(route, response.status_code, elapsed)
@@ -220,6 +248,39 @@ class MLServeRoute(APIRoute):
             return response
 
         return endpoint
+
+
+# Probes and metrics are never rate limited (BentoML's /livez and /readyz are outside this app).
+UNLIMITED = frozenset({"/health", "/ready", "/metrics"})
+
+
+def _api_key_of(request: Request, core: ClassificationService) -> str | None:
+    """The API key a request authenticated with (only when keys are configured)."""
+    if not core.settings.api_keys:
+        return None
+    given = request.headers.get("x-api-key", "")
+    if not given:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token if scheme.lower() == "bearer" else ""
+    return given or None
+
+
+async def _limit(
+    core: ClassificationService, kind: str, route: str, request: Request, api_key: str | None
+) -> None:
+    """Spend one request of the caller's budget; 429 (with Retry-After) when it is spent."""
+    limiter = core.rate_limiter
+    if not limiter.items[kind]:
+        return
+    client = request.client.host if request.client else None
+    decision = await limiter.check(kind, limiter.identity(api_key, client))
+    request.state.ratelimit = decision.headers
+    if not decision.allowed:
+        obs.observe_rate_limited(route)
+        raise RateLimitedError(
+            f"rate limit exceeded; retry in {decision.retry_after} s",
+            retry_after=decision.retry_after,
+        )
 
 
 def _request_id(request: Request) -> str:
@@ -466,19 +527,33 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-@router.get("/version", response_model=VersionResponse, tags=["models"], summary="Versions")
+@router.get(
+    "/version",
+    response_model=VersionResponse,
+    responses=errors(),
+    tags=["models"],
+    summary="Versions",
+)
 async def version(request: Request) -> Response:
     return JSONResponse(_core(request).version_info())
 
 
-@router.get("/gpu", response_model=GpuResponse, tags=["probes"], summary="GPU status")
+@router.get(
+    "/gpu", response_model=GpuResponse, responses=errors(), tags=["probes"], summary="GPU status"
+)
 async def gpu(request: Request) -> Response:
     """Each NVIDIA GPU's name, memory, utilisation and temperature (through NVML, the optional
     `gpu` extra); `{"available": false, "device": "cpu"}` without one."""
     return JSONResponse(await asyncio.to_thread(gpu_status))
 
 
-@router.get("/models", response_model=ModelsResponse, tags=["models"], summary="Loaded models")
+@router.get(
+    "/models",
+    response_model=ModelsResponse,
+    responses=errors(),
+    tags=["models"],
+    summary="Loaded models",
+)
 async def models(request: Request) -> Response:
     core = _core(request)
     return JSONResponse(

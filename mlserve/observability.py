@@ -77,6 +77,15 @@ class _Metrics:
             "deliver (a batch's results could not be handed out), restart (a consumer restarted).",
             ["model_version", "kind"],
         )
+        self.rate_limited = Counter(
+            "mlserve_rate_limited",
+            "Requests refused with 429 by the rate limiter, by route template.",
+            ["route"],
+        )
+        self.rate_limit_errors = Counter(
+            "mlserve_rate_limit_errors",
+            "Rate limiter storage failures (the request was let through: fail open).",
+        )
         self.admin_denied = Counter(
             "mlserve_admin_denied",
             "Admin calls refused before any change, by route template and reason.",
@@ -159,6 +168,15 @@ def observe_cache_circuit(is_open: bool) -> None:
 
 def observe_batcher_error(tag: str, kind: str) -> None:
     metrics().batcher_errors.labels(model_version=tag, kind=kind).inc()
+
+
+def observe_rate_limited(route: str) -> None:
+    metrics().rate_limited.labels(route=route).inc()
+
+
+def observe_rate_limit_event(kind: str) -> None:
+    if kind == "error":
+        metrics().rate_limit_errors.inc()
 
 
 def observe_admin_denied(route: str, reason: str) -> None:

@@ -260,6 +260,9 @@ class ReadyResponse(BaseModel):
     errors: dict[str, str] = Field(description="Load errors by model.")
     control: dict[str, Any] = Field(description="The control path: store, namespace, generation.")
     cache: dict[str, Any] = Field(description="The cache backend's state.")
+    rate_limit: dict[str, Any] = Field(
+        default_factory=dict, description="The rate limiter's state (it fails open)."
+    )
 
 
 class VersionResponse(BaseModel):

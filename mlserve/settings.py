@@ -75,6 +75,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "cors_origins",
         "log_io",
         "api_keys",
+        "rate_limit",
+        "admin_rate_limit",
         "docs_enabled",
         "ssl_certfile",
         "ssl_keyfile",
@@ -507,6 +509,17 @@ class Settings(BaseSettings):
         description="How long an admin change waits for every worker to apply it before it "
         "answers 202 with the lagging workers.",
     )
+    rate_limit: str = Field(
+        "",
+        description="Request rate limit per API key (per client address when no keys are set), "
+        "one or more windows, e.g. '20/second;600/minute'. Empty = no limit. Exact across "
+        "workers and replicas with MLSERVE_REDIS_URL; otherwise counted per worker.",
+    )
+    admin_rate_limit: str = Field(
+        "",
+        description="The admin API's own (stricter) limit per client address, counted before "
+        "the token is checked, e.g. '5/second;60/minute'. Empty = no limit.",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Optional API keys for predict routes (comma-separated). Empty = open.",
@@ -609,6 +622,14 @@ class Settings(BaseSettings):
             if not TAG_RE.match(tag):
                 raise ValueError(f"not a name:version store tag: {tag!r}")
         return value
+
+    @field_validator("rate_limit", "admin_rate_limit")
+    @classmethod
+    def _valid_rate_limit(cls, value: str) -> str:
+        from mlserve.ratelimit import parse_limits
+
+        parse_limits(value)
+        return value.strip()
 
     @field_validator("api_keys")
     @classmethod

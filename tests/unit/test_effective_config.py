@@ -161,11 +161,13 @@ def _client(settings: Settings):
 
     from mlserve.admin import AdminAudit
     from mlserve.http import create_app
+    from mlserve.ratelimit import RateLimiter
 
     core = SimpleNamespace(
         settings=settings,
         balancer=SimpleNamespace(seen=lambda client: False),
         audit=AdminAudit(settings, "test:1"),
+        rate_limiter=RateLimiter("", ""),
     )
     return TestClient(create_app(lambda: core))
 
