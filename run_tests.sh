@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 # shellcheck source=scripts/install.sh
 source scripts/install.sh
-install_mlserve "train,torch,dev"
+install_mlserve "train,torch,dev,load"
 export HF_HUB_OFFLINE=1
 
 # A real Redis for the cache tests: use one on 127.0.0.1:6379, or start one if we can.
