@@ -68,6 +68,10 @@ def test_lint_and_the_tests_with_a_redis_service() -> None:
 def test_builds_the_bento_and_a_docker_image_and_smoke_tests_it() -> None:
     jobs = workflow()["jobs"]
     assert "bentoml build" in scripts(jobs["test"])
+    # bentoml reads a relative export/import path from `/` (not writable on a runner).
+    both = scripts(jobs["test"]) + scripts(jobs["image"])
+    moves = re.findall(r"bentoml (?:export|import) [^\n]*", both)
+    assert len(moves) == 2 and all('"$PWD/' in m for m in moves), moves
     image = jobs["image"]
     assert image["needs"] == "test"
     run = scripts(image)
