@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 # shellcheck source=scripts/install.sh
 source scripts/install.sh
-install_mlserve "train,torch"
+install_mlserve "train,torch,load"
 
 export HF_HUB_OFFLINE=1
 echo "==> demo models (skipped when already in ${BENTOML_HOME:-$HOME/bentoml})"

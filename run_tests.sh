@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 # shellcheck source=scripts/install.sh
 source scripts/install.sh
-install_mlserve "train,torch,dev"
+install_mlserve "train,torch,dev,load"
 export HF_HUB_OFFLINE=1
 
 # A real Redis for the cache tests: use one on 127.0.0.1:6379, or start one if we can.
@@ -25,9 +25,12 @@ if ! .venv/bin/python -c "import redis; redis.Redis(socket_timeout=1).ping()" 2>
 fi
 
 # deploy/ checks: promtool (Prometheus config, alert rules and their unit tests) and kustomize
-# (`kubectl kustomize`) render the manifests. Install what is missing when we can (root + apt).
+# (`kubectl kustomize`) render the manifests; the topology test
+# (tests/integration/test_topology.py) runs prometheus and haproxy for real. Install what is
+# missing when we can (root + apt).
 need_pkgs=()
 command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
+command -v haproxy >/dev/null 2>&1 || need_pkgs+=(haproxy)
 if ! command -v kustomize >/dev/null 2>&1 && ! command -v kubectl >/dev/null 2>&1; then
   # Needs a Kubernetes apt repository: Debian's own kubectl (kubernetes-client 1.20) bundles a
   # kustomize too old for these manifests.
@@ -42,7 +45,8 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
         >/dev/null || echo "warning: could not install $pkg" >&2
     done
   fi
-  # The deploy tests fail under CI=true (and skip otherwise) when a tool is still missing.
+  # The deploy and topology tests fail under CI=true (and skip otherwise) when a tool is still
+  # missing.
 fi
 
 echo "==> ruff"

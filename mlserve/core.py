@@ -173,6 +173,7 @@ class ClassificationService:
             min_n=self.settings.drift_min_window,
         )
         obs.MODEL_LOADED.labels(model_version=tag).set(1)
+        obs.init_batcher_errors(tag)
         return LoadedModel(runner.model.name, runner.model.version, runner, batcher, drift)
 
     def validate_texts(self, texts: list[str]) -> None:

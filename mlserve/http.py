@@ -523,6 +523,8 @@ async def ready(request: Request) -> Response:
     summary="Prometheus metrics, merged over the workers",
 )
 async def metrics(request: Request) -> Response:
+    if _core(request).rate_limiter.enabled:
+        obs.init_rate_limited(LIMITED_ROUTES)
     body, content_type = await asyncio.to_thread(obs.render_metrics)
     return Response(body, media_type=content_type)
 
@@ -724,6 +726,11 @@ def _audit(
             "audit log write failed", extra={"fields": {"request_id": rid}}
         )
 
+
+# Route templates the rate limiter counts (a bounded label set).
+LIMITED_ROUTES = [
+    r.path for r in router.routes if isinstance(r, MLServeRoute) and r.path not in UNLIMITED
+]
 
 # --- the app ----------------------------------------------------------------------------------
 

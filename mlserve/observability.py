@@ -166,8 +166,25 @@ def observe_cache_circuit(is_open: bool) -> None:
     metrics().cache_circuit_open.set(1 if is_open else 0)
 
 
+BATCHER_ERROR_KINDS = ("hook", "deliver", "restart")
+
+
+def init_batcher_errors(tag: str) -> None:
+    """Expose ``mlserve_batcher_errors_total`` at 0 for a newly loaded version, so the alert on
+    its increase reads a real series (not an absent one) while nothing has gone wrong."""
+    for kind in BATCHER_ERROR_KINDS:
+        metrics().batcher_errors.labels(model_version=tag, kind=kind)
+
+
 def observe_batcher_error(tag: str, kind: str) -> None:
     metrics().batcher_errors.labels(model_version=tag, kind=kind).inc()
+
+
+def init_rate_limited(routes: list[str]) -> None:
+    """Expose ``mlserve_rate_limited_total`` at 0 for every limited route (a bounded set), so
+    the alert on its rate reads a real series while nothing is refused."""
+    for route in routes:
+        metrics().rate_limited.labels(route=route)
 
 
 def observe_rate_limited(route: str) -> None:

@@ -40,7 +40,8 @@ def export(out_dir: Path, tags: list[str]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for tag in _tags(tags):
         open_model(tag, verify=True)  # never export a model that is already corrupt
-        target = out_dir / f"{tag.replace(':', '-')}.bentomodel"
+        # Absolute: bentoml resolves a relative path against `/`, not the working directory.
+        target = (out_dir / f"{tag.replace(':', '-')}.bentomodel").resolve()
         bentoml.models.export_model(tag, str(target))
         print(f"exported {tag} -> {target}")
     return 0
@@ -51,7 +52,7 @@ def import_(files: list[Path]) -> int:
 
     failures = 0
     for file in files:
-        model = bentoml.models.import_model(str(file))
+        model = bentoml.models.import_model(str(file.resolve()))  # absolute, as for export
         tag = str(model.tag)
         try:
             open_model(tag, verify=True)

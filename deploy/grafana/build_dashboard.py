@@ -86,10 +86,13 @@ PANELS: list[tuple[str, str, str, int, str, list[dict[str, Any]], dict[str, Any]
         "timeseries",
         "percentunit",
         12,
-        "Share of answers that are 5xx, by route. The alert fires over 5 % on the predict routes.",
+        "Share of answers that are 5xx, by route (0 for a route without any). The alert fires "
+        "over 5 % on the predict routes.",
         [
             target(
-                f'sum by (route) (rate(mlserve_requests_total{{status=~"5.."}}[{RATE}]))'
+                # `or 0 * ...`: a route that never answered 5xx shows 0, not "No data".
+                f'(sum by (route) (rate(mlserve_requests_total{{status=~"5.."}}[{RATE}]))'
+                f" or 0 * sum by (route) (rate(mlserve_requests_total[{RATE}])))"
                 f" / sum by (route) (rate(mlserve_requests_total[{RATE}]))",
                 "{{route}}",
             )

@@ -211,3 +211,15 @@ def test_a_fault_delivering_a_batch_fails_that_batch_only_and_serving_goes_on() 
     assert failed_after < 1.0  # not left to the 5 s deadline
     assert ok.predicted_index.tolist() == [1] and not ended
     assert errors == ["deliver"]
+
+
+def test_a_loaded_version_exposes_its_batcher_fault_counters_at_zero() -> None:
+    """The MLServeBatchConsumerRestarting alert reads a real series (0) while nothing failed."""
+    from prometheus_client import REGISTRY
+
+    from mlserve import observability as obs
+
+    obs.init_batcher_errors("unit:v0")
+    for kind in obs.BATCHER_ERROR_KINDS:
+        labels = {"model_version": "unit:v0", "kind": kind}
+        assert REGISTRY.get_sample_value("mlserve_batcher_errors_total", labels) == 0.0

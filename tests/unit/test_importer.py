@@ -146,3 +146,20 @@ def test_other_files_are_refused(tmp_path) -> None:
     shutil.rmtree(tmp_path)
     with pytest.raises(ValidationError, match="does not exist"):
         import_model(path, "imp-x:v1")
+
+
+def test_store_tool_exports_and_imports_with_relative_paths(
+    source_tag, tmp_path, monkeypatch, capsys
+) -> None:
+    """bentoml resolves a relative export or import path against `/`: `store_tool export out/`
+    from a project folder must write there, and `import out/x.bentomodel` read from there."""
+    from model_store_scripts import store_tool
+
+    monkeypatch.chdir(tmp_path)
+    assert store_tool.main(["export", "out", source_tag]) == 0
+    archive = Path("out") / f"{source_tag.replace(':', '-')}.bentomodel"
+    assert (tmp_path / archive).is_file()
+    bentoml.models.delete(source_tag)
+    assert store_tool.main(["import", str(archive)]) == 0
+    assert "checksums verified" in capsys.readouterr().out
+    assert model_exists(source_tag)
