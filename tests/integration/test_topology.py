@@ -178,6 +178,11 @@ def lhs(expr: str) -> str:
     return match.group(1)
 
 
+def conditions(expr: str) -> list[str]:
+    """The top-level conditions of ``A > 1 and B > 0.1`` (one for a plain comparison)."""
+    return re.split(r"\s+and\s+", " ".join(expr.split()))
+
+
 def selectors(expr: str) -> set[str]:
     """Every instant selector of an mlserve metric or of `up`, with its matchers."""
     return {m.group(0) for m in re.finditer(r"\b(?:mlserve_[a-z_]+|up)\b(?:\{[^}]*\})?", expr)}
@@ -445,7 +450,9 @@ def _alerts() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("name,expr", _alerts(), ids=[n for n, _ in _alerts()])
 def test_every_alert_expression_reads_real_series(stack, traffic, name: str, expr: str) -> None:
-    assert query(stack, lhs(expr)), f"{name}: no data for the left-hand side {lhs(expr)}"
+    for condition in conditions(expr):
+        side = lhs(condition)
+        assert query(stack, side), f"{name}: no data for the left-hand side {side}"
     for selector in sorted(selectors(expr)):
         healthy = healthy_form(selector)
         assert query(stack, healthy), f"{name}: no series for {healthy} (from {selector})"
@@ -475,6 +482,7 @@ def test_pending_exceptions_are_still_pending() -> None:
 
 
 def test_lhs_and_selectors() -> None:
+    assert conditions("a > 1\n  and\n b / c > 0.1") == ["a > 1", "b / c > 0.1"]
     assert lhs('up{job="api"} == 0') == 'up{job="api"}'
     assert lhs("max by (x) (mlserve_drift_score) > 0.2") == "max by (x) (mlserve_drift_score)"
     assert selectors("(sum(mlserve_model_loaded) or vector(0)) == 0") == {"mlserve_model_loaded"}
