@@ -10,14 +10,22 @@ next one.
 Why not BentoML's ``batchable=True``: it batches only at the HTTP entry of a list-shaped API, or
 across services through ``bentoml.depends()``, whose client fails under concurrency in bentoml
 1.4.30+ (bentoml/BentoML#5540); and its dispatcher sheds load with 503s when ``max_latency_ms``
-is tight. Batching here never crosses a process and never drops a request: a request waits
-until it is served or until its own deadline (then 504).
+is tight. Batching here never crosses a process and never drops a request it has taken.
+
+**Admission control.** A request that cannot be served within its deadline is refused at once
+(503 ``overloaded`` with ``Retry-After``) instead of waiting to time out: the batcher keeps a
+moving average of its throughput (texts per second of model time) and of its batch time, and
+estimates the wait of a new request from the texts queued ahead of it. A request whose estimate
+is over ``ADMISSION_HEADROOM`` of its deadline, or that would take the queue past
+``max_queue`` texts, is refused. Each model version has its own queue and its own model
+thread, so one model's flood never queues another's requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlserve.errors import InferenceTimeoutError, ServiceUnavailableError
+from mlserve.errors import InferenceTimeoutError, OverloadedError, ServiceUnavailableError
 from runners.base import BatchResult
 
 
@@ -34,6 +42,23 @@ class _Job:
     texts: list[str]
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+
+
+ADMISSION_HEADROOM = 0.75
+"""Admit a request only if its estimated completion is within this share of its deadline (the
+rest covers the estimate's error and the HTTP path)."""
+_EWMA = 0.2
+
+
+def _lower_priority(nice: int) -> None:
+    """Lower the calling (model) thread's scheduling priority by ``nice`` (Linux: per thread)."""
+    if nice > 0:
+        import contextlib
+        import os
+        import threading
+
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 @dataclass
@@ -57,8 +82,17 @@ class AdaptiveBatcher:
         max_latency_ms: float,
         on_batch: Callable[[int, float, dict[str, float]], None] | None = None,
         on_error: Callable[[str], None] | None = None,
+        max_queue: int = 1 << 30,
+        on_reject: Callable[[str], None] | None = None,
+        nice: int = 0,
     ):
         self._predict = predict
+        self.max_queue = max_queue
+        self._on_reject = on_reject or (lambda reason: None)
+        self._queued_texts = 0
+        self._texts_per_s: float | None = None  # moving average of model throughput
+        self._batch_s: float | None = None  # moving average of one batch's model time
+        self._running_since: float | None = None
         self.max_batch_size = max_batch_size
         self.max_latency = max_latency_ms / 1000.0
         self._on_batch = on_batch
@@ -66,7 +100,12 @@ class AdaptiveBatcher:
         self._queue: collections.deque[_Job] = collections.deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlserve-model")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="mlserve-model",
+            initializer=_lower_priority,
+            initargs=(nice,),
+        )
         self._last_batch_jobs = 1
         self._inflight: list[_Job] = []
         self._closed = False
@@ -79,8 +118,10 @@ class AdaptiveBatcher:
                 self._on_error("restart")  # the consumer ended: start another
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._consume())
+        self.admit(len(texts), timeout)
         job = _Job(list(texts), loop.create_future())
         self._queue.append(job)
+        self._queued_texts += len(job.texts)
         self._wake.set()
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout)
@@ -88,21 +129,67 @@ class AdaptiveBatcher:
             job.future.cancel()  # a job still queued is skipped; a running one is discarded
             raise InferenceTimeoutError(f"inference did not finish within {timeout:g} s") from exc
 
+    def estimate_wait(self, texts: int) -> float:
+        """Seconds until ``texts`` more texts, queued behind the current queue, are computed:
+        what is left of the running batch, then the queue at the recent throughput."""
+        if self._texts_per_s is None:
+            return 0.0  # no batch has run yet: nothing to go by
+        running = 0.0
+        if self._running_since is not None and self._batch_s is not None:
+            running = max(0.0, self._batch_s - (time.perf_counter() - self._running_since))
+        return running + (self._queued_texts + texts) / self._texts_per_s
+
+    def admit(self, texts: int, timeout: float) -> None:
+        """Refuse (503 overloaded, with Retry-After) a request that could not be served within
+        ``timeout`` seconds, or that would take the queue past ``max_queue`` texts."""
+        if self._queued_texts + texts > self.max_queue:
+            wait = self.estimate_wait(texts)
+            self._on_reject("queue_full")
+            raise OverloadedError(
+                f"the model's queue is full ({self._queued_texts} texts); retry shortly",
+                retry_after=max(1, math.ceil(wait - timeout * ADMISSION_HEADROOM)),
+                reason="queue_full",
+            )
+        wait = self.estimate_wait(texts)
+        if wait > timeout * ADMISSION_HEADROOM:
+            self._on_reject("deadline")
+            raise OverloadedError(
+                f"the model cannot answer within {timeout:g} s now (estimated {wait:.1f} s); "
+                "retry shortly",
+                retry_after=max(1, math.ceil(wait - timeout * ADMISSION_HEADROOM)),
+                reason="deadline",
+            )
+
     def _take(self) -> list[_Job]:
         jobs, n = [], 0
         while self._queue:
             job = self._queue[0]
             if job.future.done():  # timed out while queued
                 self._queue.popleft()
+                self._queued_texts -= len(job.texts)
                 continue
             if jobs and n + len(job.texts) > self.max_batch_size:
                 break
             jobs.append(self._queue.popleft())
+            self._queued_texts -= len(job.texts)
             n += len(job.texts)
         return jobs
 
     def _pending_texts(self) -> int:
-        return sum(len(j.texts) for j in self._queue)
+        return self._queued_texts
+
+    def _learn(self, texts: int, seconds: float) -> None:
+        """Update the moving averages with one batch's model time. They follow a slowdown at
+        once and a speed-up slowly: an estimate that is too low lets requests in that then time
+        out, one that is too high only refuses a few more."""
+        seconds = max(seconds, 1e-6)
+        rate = texts / seconds
+        if self._texts_per_s is None or self._batch_s is None:
+            self._texts_per_s, self._batch_s = rate, seconds
+            return
+        slower = rate < self._texts_per_s
+        self._texts_per_s += (0.5 if slower else _EWMA) * (rate - self._texts_per_s)
+        self._batch_s += (0.5 if seconds > self._batch_s else _EWMA) * (seconds - self._batch_s)
 
     async def _consume(self) -> None:
         while not self._closed:
@@ -142,11 +229,15 @@ class AdaptiveBatcher:
         texts = [t for job in jobs for t in job.texts]
         self._inflight = jobs
         loop = asyncio.get_running_loop()
+        self._running_since = start
         try:
             result = await loop.run_in_executor(self._executor, self._predict, texts)
         except Exception as exc:  # every request of the batch gets the model's error
             self._fail(jobs, exc)
             return
+        finally:
+            self._running_since = None
+        self._learn(len(texts), time.perf_counter() - start)
         queue_ms = [(start - job.enqueued) * 1000.0 for job in jobs]
         offset = 0
         for job, waited in zip(jobs, queue_ms, strict=True):
@@ -183,4 +274,5 @@ class AdaptiveBatcher:
             if not job.future.done():
                 job.future.set_exception(ServiceUnavailableError("the model was unloaded"))
         self._queue.clear()
+        self._queued_texts = 0
         self._executor.shutdown(wait=False)

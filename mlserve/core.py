@@ -165,6 +165,9 @@ class ClassificationService:
             self.settings.max_latency_ms,
             on_batch=lambda n, queue_ms, timing: obs.observe_batch(tag, n, queue_ms, timing),
             on_error=lambda kind: obs.observe_batcher_error(tag, kind),
+            max_queue=self.settings.max_queue,
+            nice=runner.cpu_nice,
+            on_reject=lambda reason: obs.observe_overloaded(tag, reason),
         )
         drift = DriftMonitor.from_model_dir(
             runner.model.path,
@@ -230,16 +233,17 @@ class ClassificationService:
         return cleaned, (time.perf_counter() - start) * 1000.0
 
     async def _run(self, model: LoadedModel, texts: list[str], start: float) -> Outcome:
-        timeout = self.settings.infer_timeout_seconds
+        # The deadline runs from the request's arrival: time spent before the batcher counts.
+        deadline = start + self.settings.infer_timeout_seconds
         cleaned, clean_ms = await self._clean(model, texts)
         if self.cache is None:
-            rows = await model.batcher.submit(cleaned, timeout)
+            rows = await model.batcher.submit(cleaned, deadline - time.perf_counter())
             cached = [False] * len(texts)
         else:
             timing: dict[str, float] = {}
 
             async def compute(missing: list[str]) -> list[dict]:
-                part = await model.batcher.submit(missing, timeout)
+                part = await model.batcher.submit(missing, deadline - time.perf_counter())
                 timing.update(part.timing_ms, batch_size=part.batch_size)
                 return [
                     {"p": p.tolist(), "i": int(i)}

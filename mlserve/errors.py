@@ -14,6 +14,8 @@ class MLServeError(Exception):
         self.message = message
         self.details = details
 
+    headers: dict[str, str] = {}  # noqa: RUF012 - extra response headers (e.g. Retry-After)
+
     def to_dict(self, request_id: str | None = None) -> dict[str, object]:
         return error_body(self.code, self.message, request_id, self.details)
 
@@ -79,9 +81,24 @@ class InvalidTagError(ValidationError, ValueError):
 class RateLimitedError(MLServeError):
     status, code = 429, "rate_limited"
 
+    def __init__(self, message: str, retry_after: int, **details: object):
+        super().__init__(message, retry_after=retry_after, **details)
+        self.headers = {"Retry-After": str(retry_after)}
+
 
 class ServiceUnavailableError(MLServeError):
     status, code = 503, "unavailable"
+
+
+class OverloadedError(ServiceUnavailableError):
+    """Refused at once: the request could not be served within its deadline, or the model
+    version's queue is full. ``Retry-After`` says when to try again."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: int, **details: object):
+        super().__init__(message, retry_after=retry_after, **details)
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class InferenceTimeoutError(MLServeError):

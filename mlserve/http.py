@@ -113,7 +113,9 @@ ERRORS = {
     429: "Over the rate limit (MLSERVE_RATE_LIMIT or MLSERVE_ADMIN_RATE_LIMIT); see Retry-After.",
     431: "The request's headers are over MLSERVE_MAX_HEADER_KB.",
     500: "A bug in the service (no detail leaves the server).",
-    503: "No model is ready yet, the control store is down, or the audit log cannot be written.",
+    503: "Overloaded (`overloaded`, with Retry-After: the request could not be served within its "
+    "deadline, or the model's queue is full), no model ready yet, the control store is down, or "
+    "the audit log cannot be written.",
     504: "Inference took longer than MLSERVE_INFER_TIMEOUT_SECONDS.",
 }
 
@@ -222,7 +224,9 @@ class MLServeRoute(APIRoute):
                 )
             if error is not None:
                 obs.observe_error(error.code)
-                response = JSONResponse(error.to_dict(rid), status_code=error.status)
+                response = JSONResponse(
+                    error.to_dict(rid), status_code=error.status, headers=error.headers
+                )
             if route in AUDITED and getattr(request.state, "actor", None) is not None:
                 _audit(request, core, rid, AUDITED[route], error)
             elapsed = time.perf_counter() - start

@@ -77,6 +77,12 @@ class _Metrics:
             "deliver (a batch's results could not be handed out), restart (a consumer restarted).",
             ["model_version", "kind"],
         )
+        self.overloaded = Counter(
+            "mlserve_overloaded",
+            "Requests refused at once with 503 overloaded, by model version and reason: "
+            "deadline (the estimated wait is over the deadline) or queue_full (MLSERVE_MAX_QUEUE).",
+            ["model_version", "reason"],
+        )
         self.rate_limited = Counter(
             "mlserve_rate_limited",
             "Requests refused with 429 by the rate limiter, by route template.",
@@ -170,14 +176,21 @@ BATCHER_ERROR_KINDS = ("hook", "deliver", "restart")
 
 
 def init_batcher_errors(tag: str) -> None:
-    """Expose ``mlserve_batcher_errors_total`` at 0 for a newly loaded version, so the alert on
-    its increase reads a real series (not an absent one) while nothing has gone wrong."""
+    """Expose ``mlserve_batcher_errors_total`` and ``mlserve_overloaded_total`` at 0 for a newly
+    loaded version, so alerts on their increase read real series while nothing has gone
+    wrong."""
+    for reason in ("deadline", "queue_full"):
+        metrics().overloaded.labels(model_version=tag, reason=reason)
     for kind in BATCHER_ERROR_KINDS:
         metrics().batcher_errors.labels(model_version=tag, kind=kind)
 
 
 def observe_batcher_error(tag: str, kind: str) -> None:
     metrics().batcher_errors.labels(model_version=tag, kind=kind).inc()
+
+
+def observe_overloaded(tag: str, reason: str) -> None:
+    metrics().overloaded.labels(model_version=tag, reason=reason).inc()
 
 
 def init_rate_limited(routes: list[str]) -> None:

@@ -65,6 +65,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "max_request_kb",
         "body_timeout_seconds",
         "max_header_kb",
+        "max_queue",
         "infer_timeout_seconds",
         "max_tokens",
     ),
@@ -410,6 +411,13 @@ class Settings(BaseSettings):
     )
     max_header_kb: int = Field(
         64, ge=8, le=1024, description="Largest accepted request header block, in KiB (431)."
+    )
+    max_queue: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="Most texts queued per model version per worker; a request past it gets 503 "
+        "overloaded with Retry-After (so does one that could not be served within its deadline).",
     )
     infer_timeout_seconds: float = Field(
         10.0, gt=0, description="A request waiting longer than this for inference gets 504."

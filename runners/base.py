@@ -52,6 +52,9 @@ class Runner(abc.ABC):
     """
 
     family: str = ""
+    cpu_nice: int = 0
+    """Scheduling priority of this model's batch thread (a nice increment). A heavy model on
+    the CPU runs below the event loop and the light models, so its flood cannot starve them."""
 
     def __init__(self, model: StoredModel):
         self.model = model

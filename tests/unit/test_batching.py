@@ -223,3 +223,48 @@ def test_a_loaded_version_exposes_its_batcher_fault_counters_at_zero() -> None:
     for kind in obs.BATCHER_ERROR_KINDS:
         labels = {"model_version": "unit:v0", "kind": kind}
         assert REGISTRY.get_sample_value("mlserve_batcher_errors_total", labels) == 0.0
+
+
+def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once() -> None:
+    from mlserve.errors import OverloadedError
+
+    model = LengthModel(delay=0.05)  # 50 ms a batch of at most 2 texts: 40 texts/s
+    reasons: list[str] = []
+    batcher = AdaptiveBatcher(model, 2, 0, on_reject=reasons.append)
+
+    async def go():
+        await batcher.submit(["warm"], timeout=5)  # learn the throughput
+        tasks = [asyncio.create_task(batcher.submit([f"t{i}"], timeout=1.0)) for i in range(60)]
+        await asyncio.sleep(0)  # every task has been admitted or refused
+        start = time.perf_counter()
+        with pytest.raises(OverloadedError):  # refused without waiting: the queue is long
+            await batcher.submit(["late"], timeout=1.0)
+        refusal_time = time.perf_counter() - start
+        return await asyncio.gather(*tasks, return_exceptions=True), refusal_time
+
+    results, refusal_time = run(go())
+    served = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert served and refused and not any(isinstance(r, InferenceTimeoutError) for r in refused)
+    assert all(r.code == "overloaded" and int(r.headers["Retry-After"]) >= 1 for r in refused)
+    assert len(served) <= 40  # about what fits in 0.75 s at 40 texts/s, not all 60
+    assert refusal_time < 0.1 and set(reasons) == {"deadline"}
+
+
+def test_a_full_queue_is_refused() -> None:
+    from mlserve.errors import OverloadedError
+
+    model = LengthModel(delay=0.02)
+    reasons: list[str] = []
+    batcher = AdaptiveBatcher(model, 4, 0, max_queue=6, on_reject=reasons.append)
+
+    async def go():
+        tasks = [asyncio.create_task(batcher.submit(["a", "b"], timeout=10)) for _ in range(3)]
+        await asyncio.sleep(0)  # all three queued (6 texts): the next one does not fit
+        with pytest.raises(OverloadedError) as info:
+            await batcher.submit(["c"], timeout=10)
+        await asyncio.gather(*tasks)
+        return info.value
+
+    error = run(go())
+    assert error.details["reason"] == "queue_full" and reasons == ["queue_full"]
