@@ -22,6 +22,18 @@ DOCS_PREFIXES = ("/docs",)
 ASSET_PREFIX = "/docs/assets/"
 
 
+async def send_error(
+    send: Callable, status: int, code: str, message: str, *, close: bool = False
+) -> None:
+    """Send the service's JSON error body as a whole ASGI response."""
+    body = json.dumps(error_body(code, message)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class SecurityHeadersMiddleware:
     """``X-Content-Type-Options``, ``X-Frame-Options``, ``Referrer-Policy`` and a
     ``Content-Security-Policy`` on every response (``default-src 'none'`` on the API, the docs
@@ -73,24 +85,8 @@ class HeaderLimitMiddleware:
         if scope["type"] == "http":
             size = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
             if size > self.max_bytes:
-                body = json.dumps(
-                    error_body(
-                        "headers_too_large",
-                        f"the request headers are over the {self.max_bytes} byte limit",
-                    )
-                ).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 431,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                message = f"the request headers are over the {self.max_bytes} byte limit"
+                await send_error(send, 431, "headers_too_large", message, close=True)
                 return
         await self.app(scope, receive, send)
 
@@ -113,18 +109,7 @@ class JsonNotFoundMiddleware:
                 headers = dict(message.get("headers") or [])
                 if headers.get(b"content-type", b"").startswith(b"text/plain"):
                     replaced = True
-                    body = json.dumps(error_body("not_found", "no route for this path")).encode()
-                    await send(
-                        {
-                            "type": "http.response.start",
-                            "status": 404,
-                            "headers": [
-                                (b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                            ],
-                        }
-                    )
-                    await send({"type": "http.response.body", "body": body})
+                    await send_error(send, 404, "not_found", "no route for this path")
                     return
             if replaced:  # swallow the original plain-text body
                 return

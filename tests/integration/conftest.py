@@ -169,6 +169,19 @@ def model_env(model_home: Path, data_dir: Path) -> dict[str, str]:
     )
 
 
+def linked_store(model_home: Path, models: Path) -> Path:
+    """A ``models`` folder at ``models`` with the trained versions linked in (tests then add
+    copies or broken versions beside them without touching the shared store)."""
+    for name in ("sentiment", "topic"):
+        (models / name).mkdir(parents=True)
+        for entry in (model_home / "models" / name).iterdir():
+            if entry.is_dir():
+                (models / name / entry.name).symlink_to(entry, target_is_directory=True)
+            else:
+                shutil.copy2(entry, models / name / entry.name)
+    return models
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

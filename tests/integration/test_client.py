@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from mlserve.schemas import (
     StatsResponse,
     VersionResponse,
 )
+from tests.integration.conftest import linked_store
 from tests.integration.test_model_management import copy_version
 
 pytestmark = pytest.mark.integration
@@ -51,13 +51,7 @@ START = {"models": ["sentiment:v1", "topic:v1"], "defaults": {"sentiment": "v1",
 def models_dir(model_home: Path, tmp_path_factory) -> Path:
     """The trained store linked in, plus sentiment:v8 and sentiment:v9 (copies of v1)."""
     models = tmp_path_factory.mktemp("client-store") / "models"
-    for name in ("sentiment", "topic"):
-        (models / name).mkdir(parents=True)
-        for entry in (model_home / "models" / name).iterdir():
-            if entry.is_dir():
-                (models / name / entry.name).symlink_to(entry, target_is_directory=True)
-            else:
-                shutil.copy2(entry, models / name / entry.name)
+    linked_store(model_home, models)
     v1 = model_home / "models" / "sentiment" / "v1"
     for version in ("v8", "v9"):
         copy_version(models, v1, "sentiment", version)

@@ -16,6 +16,7 @@ import yaml
 
 from mlserve.admin import token_id
 from mlserve.store import hash_directory
+from tests.integration.conftest import linked_store
 from training.data import load_drugscom
 
 pytestmark = pytest.mark.integration
@@ -48,13 +49,7 @@ def copy_version(models: Path, source: Path, name: str, version: str) -> Path:
 def models_dir(model_home: Path, tmp_path_factory) -> Path:
     """This module's store: the trained versions linked in, plus broken copies added here."""
     models = tmp_path_factory.mktemp("mm-store") / "models"
-    for name in ("sentiment", "topic"):
-        (models / name).mkdir(parents=True)
-        for entry in (model_home / "models" / name).iterdir():
-            if entry.is_dir():
-                (models / name / entry.name).symlink_to(entry, target_is_directory=True)
-            else:
-                shutil.copy2(entry, models / name / entry.name)
+    linked_store(model_home, models)
     v1 = model_home / "models" / "sentiment" / "v1"
     # A byte changed after the checksums were recorded.
     tampered = copy_version(models, v1, "sentiment", "tampered")
