@@ -320,11 +320,13 @@ def serve_cmd(
         str | None, typer.Option(help="Comma-separated tags to load (default MLSERVE_MODELS).")
     ] = None,
 ) -> None:
-    """Serve the API with `bentoml serve service:MLServe` from the project folder."""
-    import subprocess
+    """Serve the API with `bentoml serve service:MLServe` from the project folder.
+
+    SIGTERM or Ctrl-C stops the server and every worker it started (mlserve.supervisor)."""
     import sys
 
     from mlserve.settings import Settings
+    from mlserve.supervisor import run as supervise
 
     env = dict(os.environ)
     for key, value in (("HOST", host), ("PORT", port), ("WORKERS", workers), ("MODELS", models)):
@@ -356,7 +358,9 @@ def serve_cmd(
         "--port",
         str(settings.port),
     ]
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    # Not subprocess.call: BentoML's workers run in sessions of their own and outlive an arbiter
+    # that is killed. The supervisor forwards SIGTERM/SIGINT and waits until all of them are gone.
+    raise typer.Exit(supervise(cmd, env))
 
 
 @app.command("benchmark")
