@@ -112,6 +112,23 @@ def find_torch_wheel(version: str, explicit: Path | None = None) -> Path | None:
     return None
 
 
+def stage_wheel(wheel: Path) -> Path:
+    """The wheel under ``build/wheels`` in the project: `bentoml build` only packs wheels given
+    by a relative path inside the build context."""
+    folder = REPO / "build" / "wheels"
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = folder / wheel.name
+    if wheel.resolve() == staged.resolve():
+        return staged
+    if not staged.is_file() or staged.stat().st_size != wheel.stat().st_size:
+        staged.unlink(missing_ok=True)
+        try:
+            os.link(wheel, staged)  # same file system: no copy
+        except OSError:
+            shutil.copy2(wheel, staged)
+    return staged
+
+
 def write_bentofile(
     variant: str, out_dir: Path, base_image: str | None, torch_wheel: Path | None
 ) -> Path:
@@ -128,7 +145,7 @@ def write_bentofile(
         packages = [p for p in python.get("packages", []) if not TORCH_RE.match(p)]
         # A path, so the resolver takes this wheel and never looks torch up on an index.
         python["packages"] = [*packages, f"./wheels/{torch_wheel.name}"]
-        python["wheels"] = [str(torch_wheel)]
+        python["wheels"] = [torch_wheel.relative_to(REPO).as_posix()]
         for key in ("extra_index_url", "pip_args"):
             python.pop(key, None)
     path = out_dir / f"bentofile.{variant}.generated.yaml"
@@ -266,6 +283,8 @@ def containerize(
         else:
             step("torch: the CPU build, from download.pytorch.org/whl/cpu")
 
+    if wheel is not None:
+        wheel = stage_wheel(wheel)
     with tempfile.TemporaryDirectory(prefix="mlserve-containerize-") as tmp:
         bentofile = write_bentofile(variant, Path(tmp), base, wheel)
         step(f"bentoml build ({BENTOFILES[variant]}{', base ' + base if base else ''})")

@@ -65,7 +65,6 @@ buildah run --isolation chroot --network host "$ctr" -- sh -ec '
 buildah config \
   --env LANG=C.UTF-8 \
   --env SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
-  --env UV_NATIVE_TLS=1 \
   --env UV_NO_CACHE=1 \
   --env PIP_NO_CACHE_DIR=1 \
   --env PIP_BREAK_SYSTEM_PACKAGES=1 \
