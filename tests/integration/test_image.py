@@ -202,6 +202,14 @@ def test_slim_image_has_no_torch_and_serves_and_stops_cleanly(
                 assert time.monotonic() < deadline, f"/ready: {last}\n{_tail(log)}"
                 time.sleep(0.5)
             assert client.get("/health").status_code == 200
+            # The image's HEALTHCHECK command, run inside the container, passes.
+            check = config["Healthcheck"]["Test"][1:]
+            probe_run = subprocess.run(
+                ["buildah", "run", "--isolation", "chroot", "--network", "host",
+                 "--env", f"BENTOML_PORT={port}", container, "--", *check],
+                env=image_env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert probe_run.returncode == 0, probe_run.stderr[-2000:]
             body = {"text": "The striker scored twice in the cup final", "model_version": "topic"}
             topic = client.post("/predict", json=body)
             assert topic.status_code == 200, topic.text
