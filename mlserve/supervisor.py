@@ -7,8 +7,8 @@ This supervisor is the container's entrypoint (``python supervisor.py -- CMD...`
 
 * starts CMD (the arbiter) and marks itself a *child subreaper*, so orphaned workers are
   re-parented to it rather than to init, and it reaps every child (it may be PID 1);
-* tracks the arbiter's descendants (re-read every 0.2 s; psutil, with start times, so a reused
-  pid is never signalled);
+* tracks the arbiter's descendants (re-read every 2 s, and every 0.2 s while stopping; psutil,
+  with start times, so a reused pid is never signalled);
 * forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to the arbiter; once the arbiter has exited, or
   when the drain time (``MLSERVE_DRAIN_SECONDS``, default 8: under Docker's 10 s stop timeout)
   has passed, it sends SIGTERM to every descendant still alive, then SIGKILL after 2 s more;
@@ -38,6 +38,8 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 DEFAULT_DRAIN_SECONDS = 8.0
 KILL_AFTER_SECONDS = 2.0
 POLL_SECONDS = 0.2
+# Scanning the process table costs a few ms: every 2 s while serving, every poll when stopping.
+REFRESH_SECONDS = 2.0
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -148,13 +150,17 @@ class Supervisor:
     def _loop(self) -> int:
         stop_sig = 0
         drain_deadline = kill_deadline = None
+        next_refresh = 0.0
         while True:
             self._reap()
-            self._refresh()
+            if stop_sig or self.status is not None or time.monotonic() >= next_refresh:
+                self._refresh()
+                next_refresh = time.monotonic() + REFRESH_SECONDS
             while self.signals:
                 sig = self.signals.pop(0)
                 if not stop_sig:
                     stop_sig = sig
+                    self._refresh()  # everything alive now, before the arbiter can go
                     drain_deadline = time.monotonic() + self.drain
                     _log(
                         f"got {signal.Signals(sig).name}: stopping the server "
