@@ -36,6 +36,10 @@ if ! command -v kustomize >/dev/null 2>&1 && ! command -v kubectl >/dev/null 2>&
   # kustomize too old for these manifests.
   need_pkgs+=(kubectl)
 fi
+# tests/integration/test_image.py builds and runs the container image without Docker: buildah,
+# and debootstrap for its base image (skipped without them, except under CI=true).
+command -v buildah >/dev/null 2>&1 || need_pkgs+=(buildah)
+command -v debootstrap >/dev/null 2>&1 || need_pkgs+=(debootstrap)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "==> apt-get install ${need_pkgs[*]}"
@@ -45,7 +49,8 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
         >/dev/null || echo "warning: could not install $pkg" >&2
     done
   fi
-  # The deploy and topology tests fail under CI=true (and skip otherwise) when a tool is still
+  # The deploy, topology and image tests fail under CI=true (and skip otherwise) when a tool is
+  # still
   # missing.
 fi
 

@@ -322,11 +322,13 @@ def serve_cmd(
         Path | None, typer.Option(help="The certificate's PEM private key.")
     ] = None,
 ) -> None:
-    """Serve the API with `bentoml serve service:MLServe` from the project folder."""
-    import subprocess
+    """Serve the API with `bentoml serve service:MLServe` from the project folder.
+
+    SIGTERM or Ctrl-C stops the server and every worker it started (mlserve.supervisor)."""
     import sys
 
     from mlserve.settings import Settings
+    from mlserve.supervisor import run as supervise
 
     env = dict(os.environ)
     given = {
@@ -371,7 +373,72 @@ def serve_cmd(
         "--port",
         str(settings.port),
     ]
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    # Not subprocess.call: BentoML's workers run in sessions of their own and outlive an arbiter
+    # that is killed. The supervisor forwards SIGTERM/SIGINT and waits until all of them are gone.
+    raise typer.Exit(supervise(cmd, env))
+
+
+@app.command("containerize")
+def containerize_cmd(
+    variant: Annotated[
+        str, typer.Option(help="slim (classical models, no torch) or full (with the transformer).")
+    ] = "slim",
+    backend: Annotated[
+        str,
+        typer.Option(help="auto (Docker when its engine answers, else buildah), docker, buildah."),
+    ] = "auto",
+    tag: Annotated[
+        str | None,
+        typer.Option(
+            help="Image tag (default mlserve:VARIANT; localhost/mlserve:VARIANT on buildah)."
+        ),
+    ] = None,
+    base_image: Annotated[
+        str | None,
+        typer.Option(
+            help="Base image. Default: BentoML's python:3.11-slim with Docker; with buildah a "
+            "local Debian bookworm image built from packages (once, cached)."
+        ),
+    ] = None,
+    torch_wheel: Annotated[
+        Path | None,
+        typer.Option(help="full: a local torch CPU wheel (default: found in PIP_FIND_LINKS)."),
+    ] = None,
+    storage: Annotated[
+        Path | None,
+        typer.Option(
+            help="buildah: image store folder (vfs; default ~/.cache/mlserve/containers unless "
+            "CONTAINERS_STORAGE_CONF is set)."
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Hide the build output.")] = False,
+) -> None:
+    """Build the bento and its container image in one go; print the image tag and its size."""
+    import time
+
+    from rich.markup import escape
+
+    from mlserve.image import ImageError, containerize, human
+
+    started = time.monotonic()
+
+    def step(message: str) -> None:
+        elapsed = time.monotonic() - started
+        err.print(f"[bold cyan]==>[/] [dim]{elapsed:6.1f}s[/] {escape(message)}")
+
+    def echo(line: str) -> None:
+        if not quiet:
+            err.print(f"    {escape(line)}", highlight=False, soft_wrap=True)
+
+    try:
+        result = containerize(variant, backend, tag, base_image, torch_wheel, storage, step, echo)
+    except ImageError as exc:
+        raise _fail(escape(str(exc))) from None
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+    console.print(
+        f"[green]✓[/] image [bold]{result.image}[/] ({result.backend}, bento {result.bento}): "
+        f"{human(result.size)}; {times}; total {time.monotonic() - started:.0f} s"
+    )
 
 
 @app.command("benchmark")

@@ -194,10 +194,10 @@ def test_admin_config_route_is_off_without_a_token() -> None:
 
 def test_cli_serve_hands_the_file_read_here_to_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     """The workers import the service from the project folder; they get the file read here."""
-    import subprocess
+    import mlserve.supervisor
 
     seen: dict = {}
-    monkeypatch.setattr(subprocess, "call", lambda cmd, env: seen.update(env=env) or 0)
+    monkeypatch.setattr(mlserve.supervisor, "run", lambda cmd, env: seen.update(env=env) or 0)
     path = Path("config.yaml").absolute()
     path.write_text("cache: {ttl_seconds: 5}\n")
     assert CliRunner().invoke(app, ["serve"]).exit_code == 0

@@ -1,0 +1,85 @@
+"""`mlserve serve` stops with every process it started: SIGTERM to the mlserve process alone
+(not its process group) ends BentoML's arbiter and its workers, which run in sessions of their
+own, and mlserve exits only when none is left."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.integration.conftest import HEALTH_TIMEOUT_S, REPO, _free_port, _tail, clean_env
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_mlserve_serve_leaves_no_process_behind(
+    model_home: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(model_home / "models", target_is_directory=True)
+    port = _free_port()
+    env = clean_env(
+        BENTOML_HOME=str(home),
+        PYTHONPATH=str(REPO),
+        MLSERVE_MODELS="topic:v1",
+        MLSERVE_DEFAULT_MODEL="topic",
+        MLSERVE_WORKERS="2",
+        MLSERVE_DRAIN_SECONDS="5",
+    )
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "mlserve.cli", "serve", "--host", "127.0.0.1"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    family: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, _tail(log)
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, _tail(log)
+            time.sleep(0.25)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        workers = [p for p in family if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+        assert len(workers) == 2, [p.cmdline() for p in family]
+        assert all(os.getsid(p.pid) == p.pid for p in workers)  # sessions of their own
+
+        proc.send_signal(sig)  # the mlserve process only, as a terminal or a process manager does
+        assert proc.wait(timeout=20) == 0, _tail(log)
+        left = [(p.pid, p.cmdline()) for p in family if _alive(p)]
+        assert not left, f"left after mlserve exited: {left}\n{_tail(log)}"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    finally:
+        for p in family:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
