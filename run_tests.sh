@@ -31,6 +31,8 @@ fi
 need_pkgs=()
 command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
 command -v haproxy >/dev/null 2>&1 || need_pkgs+=(haproxy)
+# tests/integration/test_overload.py floods the server with hey.
+command -v hey >/dev/null 2>&1 || need_pkgs+=(hey)
 if ! command -v kustomize >/dev/null 2>&1 && ! command -v kubectl >/dev/null 2>&1; then
   # Needs a Kubernetes apt repository: Debian's own kubectl (kubernetes-client 1.20) bundles a
   # kustomize too old for these manifests.

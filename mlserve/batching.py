@@ -127,6 +127,15 @@ class AdaptiveBatcher:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout)
         except TimeoutError as exc:
             job.future.cancel()  # a job still queued is skipped; a running one is discarded
+            if job not in self._inflight:
+                # It never reached the model: the queue was longer than the estimate said.
+                # That is overload (503, retry later), not a model too slow for its deadline.
+                self._on_reject("deadline")
+                raise OverloadedError(
+                    f"the request waited {timeout:g} s in the model's queue; retry shortly",
+                    retry_after=max(1, math.ceil(self.estimate_wait(0))),
+                    reason="deadline",
+                ) from exc
             raise InferenceTimeoutError(f"inference did not finish within {timeout:g} s") from exc
 
     def estimate_wait(self, texts: int) -> float:

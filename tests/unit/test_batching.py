@@ -268,3 +268,23 @@ def test_a_full_queue_is_refused() -> None:
 
     error = run(go())
     assert error.details["reason"] == "queue_full" and reasons == ["queue_full"]
+
+
+def test_a_request_that_times_out_still_queued_is_overload_not_a_504() -> None:
+    from mlserve.errors import OverloadedError
+
+    model = LengthModel(delay=0.2)
+    batcher = AdaptiveBatcher(model, max_batch_size=1, max_latency_ms=0)
+
+    async def go():
+        running = asyncio.create_task(batcher.submit(["first"], timeout=5))
+        await asyncio.sleep(0.01)  # "first" is on the model now
+        with pytest.raises(OverloadedError) as info:
+            await batcher.submit(["second"], timeout=0.05)  # never reaches the model in time
+        await running
+        return info.value
+
+    error = run(go())
+    assert error.status == 503 and error.code == "overloaded"
+    assert int(error.headers["Retry-After"]) >= 1
+    assert model.batches == [["first"]]  # the queued one was skipped, never computed
