@@ -41,6 +41,7 @@ from runners.base import BatchResult
 class _Job:
     texts: list[str]
     future: asyncio.Future
+    deadline: float = float("inf")  # perf_counter time by which the request must be answered
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -119,7 +120,7 @@ class AdaptiveBatcher:
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._consume())
         self.admit(len(texts), timeout)
-        job = _Job(list(texts), loop.create_future())
+        job = _Job(list(texts), loop.create_future(), time.perf_counter() + timeout)
         self._queue.append(job)
         self._queued_texts += len(job.texts)
         self._wake.set()
@@ -179,10 +180,33 @@ class AdaptiveBatcher:
                 continue
             if jobs and n + len(job.texts) > self.max_batch_size:
                 break
-            jobs.append(self._queue.popleft())
+            self._queue.popleft()
             self._queued_texts -= len(job.texts)
+            if self._too_late(job, n + len(job.texts)):
+                continue
+            jobs.append(job)
             n += len(job.texts)
         return jobs
+
+    def _too_late(self, job: _Job, batch_texts: int) -> bool:
+        """Refuse (503 overloaded) a queued job that a batch of ``batch_texts`` texts could not
+        finish before its deadline: running it would only end in a 504."""
+        if self._texts_per_s is None or self._batch_s is None:
+            return False
+        # Twice the expected batch time: a batch that starts must finish, even when the CPU is
+        # contended (the estimate comes from recent batches, which may have had it to spare).
+        needed = 2 * max(batch_texts / self._texts_per_s, self._batch_s)
+        if time.perf_counter() + needed <= job.deadline:
+            return False
+        self._on_reject("deadline")
+        job.future.set_exception(
+            OverloadedError(
+                "the request could not be computed before its deadline; retry shortly",
+                retry_after=max(1, math.ceil(self.estimate_wait(0))),
+                reason="deadline",
+            )
+        )
+        return True
 
     def _pending_texts(self) -> int:
         return self._queued_texts
