@@ -1,8 +1,8 @@
 """Overload against a real 2-worker server: 256 clients flood the transformer for 15 s with a
 2 s deadline while one client probes the classical model. Users see answers (200) or a refusal
 (503 `overloaded` with Retry-After), never a 500 and at most a rare 504, the classical model
-keeps answering, and the server is healthy afterwards. The latency figures are printed for BENCHMARK.md (speed targets belong in
-the benchmark, not in a test)."""
+keeps answering, and the server is healthy afterwards. The latency figures are printed for
+BENCHMARK.md (speed targets belong in the benchmark, not in a test)."""
 
 from __future__ import annotations
 
