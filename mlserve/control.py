@@ -218,6 +218,35 @@ def make_store(settings: Any) -> ControlStore:
     )
 
 
+def _local_of(store: ControlStore) -> FileControlStore:
+    """The server-local worker records: the file store itself, or (for a shared store) a
+    directory private to this server run (see default_control_dir)."""
+    if isinstance(store, FileControlStore):
+        return store
+    return FileControlStore(default_control_dir() / "server")
+
+
+def _alive(pid: Any) -> bool:
+    """Whether process ``pid`` (on this host) is running (a zombie is not)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if not Path("/proc/self/stat").exists():  # no procfs: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: count it
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
 class Controller:
     """One worker's side of the control path: reconcile loop, heartbeat and admin changes."""
 
@@ -229,13 +258,16 @@ class Controller:
         poll_seconds: float = 0.2,
         heartbeat_seconds: float = 1.0,
         stale_seconds: float = 6.0,
+        local: FileControlStore | None = None,
     ):
         self.core = core
         self.store = store
+        # This server's worker records, in a place that does not depend on the shared store
+        # (see server_ready); the shared store's records are for cross-replica things only.
+        self.local = local if local is not None else _local_of(store)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         # The workers of one server share the arbiter process (BentoML's) as their parent.
         self.server_id = f"{socket.gethostname()}:{os.getppid()}"
-        self.server_ready = False  # every worker of this server is ready (see _beat)
         self.poll, self.heartbeat, self.stale = poll_seconds, heartbeat_seconds, stale_seconds
         self.applied = -1  # generation this worker serves; -1 = not reconciled yet
         self.errors: dict[str, str] = {}
@@ -338,7 +370,10 @@ class Controller:
         }
 
     def _report(self) -> None:
-        self.store.report(self.worker_id, self.record())
+        record = self.record()
+        with contextlib.suppress(OSError):
+            self.local.report(self.worker_id, record)
+        self.store.report(self.worker_id, record)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
@@ -348,30 +383,51 @@ class Controller:
                 record: dict[str, Any] = {}
                 with contextlib.suppress(Exception):
                     record = self.record()
+                    self.local.report(self.worker_id, record)
+                with contextlib.suppress(Exception):  # the shared store may be down
                     self.store.report(self.worker_id, record)
-                try:
-                    records = [
-                        r for r in self.live_workers().values() if r.get("server") == self.server_id
-                    ]
-                except Exception:
-                    records = None
-                self.server_ready = self._all_workers_ready(records)
+                server = self.server_workers().values()  # this worker's record included
                 self.core.balancer.rebalance(
-                    record.get("connections", 0), (r.get("connections", 0) for r in records or ())
+                    record.get("connections", 0), (r.get("connections", 0) for r in server)
                 )
 
-    def _all_workers_ready(self, records: list[dict[str, Any]] | None) -> bool:
-        """Whether every worker of this server reports ready: connections are spread over all
-        of them, so one that is still loading would answer 503. A store that cannot be read
-        (``records`` is None) does not hold readiness back (like the cache, it never makes the
-        service unready)."""
-        if records is None:
-            return True
-        ready = [r for r in records if r.get("ready")]
-        return len(ready) >= self.core.settings.effective_workers
+    def server_workers(self) -> dict[str, dict[str, Any]]:
+        """The live workers of this server, from the server-local records: fresh, and their
+        process still running (a killed worker drops out at once, not after ``stale``)."""
+        try:
+            records = self.local.workers()
+        except OSError:
+            return {}
+        now, out = time.time(), {}
+        for worker, record in records.items():
+            if record.get("server") != self.server_id:
+                continue  # MLSERVE_CONTROL_DIR shared by several servers on this host
+            if not _alive(record.get("pid")):
+                with contextlib.suppress(OSError):
+                    self.local.forget(worker)
+            elif now - record.get("ts", 0) <= self.stale:
+                out[worker] = record
+        return out
+
+    @property
+    def server_ready(self) -> bool:
+        """Whether every worker of this server is ready: connections are spread over all of
+        them, so one that is still loading (or being restarted) would answer 503.
+
+        Read from the server-local records (and this worker's own state), never from the shared
+        store: a Redis outage can neither make a ready server unready nor a loading one ready.
+        """
+        mine = self.core.loader.ready and self.applied >= 0
+        if not mine:
+            return False
+        others = [r for w, r in self.server_workers().items() if w != self.worker_id]
+        ready = 1 + sum(1 for r in others if r.get("ready"))
+        return ready >= self.core.settings.effective_workers
 
     def _leave(self) -> None:
         with self._beat_lock:  # no heartbeat can land after this
+            with contextlib.suppress(OSError):
+                self.local.forget(self.worker_id)
             self.store.forget(self.worker_id)
 
     async def aclose(self) -> None:
