@@ -275,6 +275,7 @@ class Controller:
         self._lock = asyncio.Lock()
         self._stop = threading.Event()
         self._beat_lock = threading.Lock()
+        self._shared_lock = threading.Lock()
         self._task: asyncio.Task | None = None
 
     # --- the worker loop ----------------------------------------------------------------------
@@ -290,6 +291,7 @@ class Controller:
     def start(self) -> None:
         """Start the heartbeat thread and the reconcile task (call inside the event loop)."""
         threading.Thread(target=self._beat, name="mlserve-heartbeat", daemon=True).start()
+        threading.Thread(target=self._beat_shared, name="mlserve-shared-beat", daemon=True).start()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -376,6 +378,9 @@ class Controller:
         self.store.report(self.worker_id, record)
 
     def _beat(self) -> None:
+        """The server-local heartbeat: this worker's record for its siblings (readiness, the
+        connection balance). It never touches the shared store, so a slow or dead Redis (each
+        call may retry for seconds) cannot let this worker's record go stale."""
         while not self._stop.wait(self.heartbeat):
             with self._beat_lock:
                 if self._stop.is_set():
@@ -384,12 +389,20 @@ class Controller:
                 with contextlib.suppress(Exception):
                     record = self.record()
                     self.local.report(self.worker_id, record)
-                with contextlib.suppress(Exception):  # the shared store may be down
-                    self.store.report(self.worker_id, record)
                 server = self.server_workers().values()  # this worker's record included
                 self.core.balancer.rebalance(
                     record.get("connections", 0), (r.get("connections", 0) for r in server)
                 )
+
+    def _beat_shared(self) -> None:
+        """The shared heartbeat: this worker's record in the shared store, for admin calls and
+        other replicas; it resumes by itself when the store comes back."""
+        while not self._stop.wait(self.heartbeat):
+            with self._shared_lock:
+                if self._stop.is_set():
+                    break
+                with contextlib.suppress(Exception):  # the shared store may be down
+                    self.store.report(self.worker_id, self.record())
 
     def server_workers(self) -> dict[str, dict[str, Any]]:
         """The live workers of this server, from the server-local records: fresh, and their
@@ -425,9 +438,10 @@ class Controller:
         return ready >= self.core.settings.effective_workers
 
     def _leave(self) -> None:
-        with self._beat_lock:  # no heartbeat can land after this
-            with contextlib.suppress(OSError):
-                self.local.forget(self.worker_id)
+        # No heartbeat can land after this (each beat writes under its lock).
+        with self._beat_lock, contextlib.suppress(OSError):
+            self.local.forget(self.worker_id)
+        with self._shared_lock:
             self.store.forget(self.worker_id)
 
     async def aclose(self) -> None:
