@@ -270,6 +270,7 @@ class Controller:
         self.server_id = f"{socket.gethostname()}:{os.getppid()}"
         self.poll, self.heartbeat, self.stale = poll_seconds, heartbeat_seconds, stale_seconds
         self.applied = -1  # generation this worker serves; -1 = not reconciled yet
+        self.reported_ready = False  # the last server-local record said ready
         self.errors: dict[str, str] = {}
         self.last_error: str | None = None
         self._lock = asyncio.Lock()
@@ -308,6 +309,9 @@ class Controller:
                     # Serve the models loaded at start-up (like a cache outage, this never
                     # makes the worker unready); the record is applied once it can be read.
                     self.applied = 0
+            if self.reported_ready != (self.core.loader.ready and self.applied >= 0):
+                with contextlib.suppress(OSError):  # tell the siblings now, not at the beat
+                    await asyncio.to_thread(self._report_local)
             await asyncio.sleep(self.poll)
 
     async def poll_once(self) -> None:
@@ -374,8 +378,13 @@ class Controller:
     def _report(self) -> None:
         record = self.record()
         with contextlib.suppress(OSError):
-            self.local.report(self.worker_id, record)
+            self._report_local(record)
         self.store.report(self.worker_id, record)
+
+    def _report_local(self, record: dict[str, Any] | None = None) -> None:
+        record = record or self.record()
+        self.local.report(self.worker_id, record)
+        self.reported_ready = record["ready"]
 
     def _beat(self) -> None:
         """The server-local heartbeat: this worker's record for its siblings (readiness, the
@@ -388,7 +397,7 @@ class Controller:
                 record: dict[str, Any] = {}
                 with contextlib.suppress(Exception):
                     record = self.record()
-                    self.local.report(self.worker_id, record)
+                    self._report_local(record)
                 server = self.server_workers().values()  # this worker's record included
                 self.core.balancer.rebalance(
                     record.get("connections", 0), (r.get("connections", 0) for r in server)
@@ -430,8 +439,8 @@ class Controller:
         Read from the server-local records (and this worker's own state), never from the shared
         store: a Redis outage can neither make a ready server unready nor a loading one ready.
         """
-        mine = self.core.loader.ready and self.applied >= 0
-        if not mine:
+        # Ready here only once the siblings can read it too, so no two workers disagree.
+        if not (self.core.loader.ready and self.applied >= 0 and self.reported_ready):
             return False
         others = [r for w, r in self.server_workers().items() if w != self.worker_id]
         ready = 1 + sum(1 for r in others if r.get("ready"))
