@@ -28,9 +28,7 @@ _408 = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"content-length: %d\r\n\r\n%s"
 )
-_BODY = (
-    b'{"error":{"code":"request_timeout","message":"the request headers did not arrive in time"}}'
-)
+_BODY = b'{"error":"request_timeout","message":"the request headers did not arrive in time"}'
 
 
 class HeaderTimeoutMixin:
