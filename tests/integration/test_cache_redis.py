@@ -66,10 +66,17 @@ def test_cache_survives_redis_going_away_and_coming_back(start_server, run: int)
                 assert response.status_code == 200, response.text
                 return response.json()
 
-            assert predict("It cured my headache")["cached"] is False
-            assert predict("it cured my  headache")["cached"] is True
+            # Redis calls time out after 50 ms: on a loaded machine one write may be lost (the
+            # request still succeeds), so try a few different texts.
+            for attempt in range(1, 6):
+                assert predict(f"It cured my headache {attempt}")["cached"] is False
+                if predict(f"it cured my  headache {attempt}")["cached"]:
+                    break
+            else:
+                pytest.fail("no prediction was served from the cache")
             keys = redis.Redis(port=port).keys(f"{prefix}:*")
-            assert len(keys) == 1  # one entry: the model sees the same text both times
+            # One entry per text at most: the model sees the same text both times.
+            assert 1 <= len(keys) <= attempt
             assert client.get("/ready").json()["cache"]["healthy"] is True
 
             redis_proc.terminate()
