@@ -182,6 +182,8 @@ def test_a_killed_worker_is_restarted_while_the_other_keeps_serving(start_server
             recovered_at = time.monotonic()
             time.sleep(2.0)
         after = ready.statuses(killed_at)
+        gap = [t for t, s, _ in ready.seen if t >= killed_at and s == 503]
+        print(f"kill: predictions {dict(load.statuses)}; /ready 503 for {gap[-1] - gap[0]:.1f} s")
         assert after[0] in (200, 503)
         assert 503 in after  # the gap is visible
         assert ready.statuses(recovered_at) and set(ready.statuses(recovered_at)) == {200}
@@ -513,6 +515,11 @@ def test_slow_clients_are_dropped_and_the_others_served(start_server) -> None:
             for t in slow:
                 t.join(30)
         assert len(out) == SLOW
+        took = sorted(t for _, _, t in out)
+        print(
+            f"slow: {dict(load.statuses)}, slowest {load.slowest:.2f} s; closed after "
+            f"{took[0]:.1f}-{took[-1]:.1f} s"
+        )
         kinds = collections.Counter(kind for kind, _, _ in out)
         assert kinds == {"closed": SLOW}, (kinds, out[:2], out[-2:])
         assert all(got.startswith(b"HTTP/1.1 408") for _, got, _ in out), out[:5]
