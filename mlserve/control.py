@@ -8,6 +8,11 @@ longer lists (after the requests using it have finished), and acknowledges the g
 its own *worker record*. An admin call loads the model in its own worker first, so a failed
 load changes nothing anywhere, then publishes the next generation and waits for every live
 worker to acknowledge it.
+
+Whether the *server* is ready (every worker of this ``bentoml serve`` has loaded) is decided
+from a second copy of the worker records kept in a directory private to the server run, never
+from the shared store: a Redis outage must neither make a loading server ready nor a ready one
+unready (issue #12).
 """
 
 from __future__ import annotations
