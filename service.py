@@ -17,9 +17,12 @@ from mlserve.middleware import (
     JsonNotFoundMiddleware,
     SecurityHeadersMiddleware,
 )
+from mlserve.protocol import install as install_header_timeout
 from mlserve.settings import get_settings
 
 _settings = get_settings()
+# Imported by each worker before BentoML builds its uvicorn config: bound slow request headers.
+install_header_timeout(_settings.header_timeout_seconds)
 _http: dict = {}
 if _settings.cors_origins:
     _http["cors"] = {

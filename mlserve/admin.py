@@ -68,14 +68,29 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
+    # Free space below which a change is refused: a line is well under 4 KiB, and a rotation
+    # needs no space (renames).
+    min_free_bytes = 64 << 10
+
     def check(self) -> None:
-        """Refuse (503) to make a change that could not be recorded."""
+        """Refuse (503) to make a change that could not be recorded: the log cannot be opened
+        for writing (missing permission, a read-only file system) or its disk is (nearly) full.
+        Opening an existing file on a full disk succeeds, so free space is checked too."""
         try:
             os.close(self._open())
+            fs = os.statvfs(self.path.parent)
         except OSError as exc:
             raise ServiceUnavailableError(
-                "the admin audit log cannot be written; no change was made"
+                "the admin audit log cannot be written; no change was made",
+                reason=f"{type(exc).__name__}: {exc.strerror or exc}",
             ) from exc
+        free = fs.f_bavail * fs.f_frsize
+        if fs.f_flag & os.ST_RDONLY or free < self.min_free_bytes:
+            raise ServiceUnavailableError(
+                "the admin audit log cannot be written; no change was made",
+                reason="read-only file system" if fs.f_flag & os.ST_RDONLY else "disk full",
+                free_bytes=free,
+            )
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -8,6 +8,11 @@ longer lists (after the requests using it have finished), and acknowledges the g
 its own *worker record*. An admin call loads the model in its own worker first, so a failed
 load changes nothing anywhere, then publishes the next generation and waits for every live
 worker to acknowledge it.
+
+Whether the *server* is ready (every worker of this ``bentoml serve`` has loaded) is decided
+from a second copy of the worker records kept in a directory private to the server run, never
+from the shared store: a Redis outage must neither make a loading server ready nor a ready one
+unready (issue #12).
 """
 
 from __future__ import annotations
@@ -218,6 +223,35 @@ def make_store(settings: Any) -> ControlStore:
     )
 
 
+def _local_of(store: ControlStore) -> FileControlStore:
+    """The server-local worker records: the file store itself, or (for a shared store) a
+    directory private to this server run (see default_control_dir)."""
+    if isinstance(store, FileControlStore):
+        return store
+    return FileControlStore(default_control_dir() / "server")
+
+
+def _alive(pid: Any) -> bool:
+    """Whether process ``pid`` (on this host) is running (a zombie is not)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if not Path("/proc/self/stat").exists():  # no procfs: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: count it
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
 class Controller:
     """One worker's side of the control path: reconcile loop, heartbeat and admin changes."""
 
@@ -229,20 +263,25 @@ class Controller:
         poll_seconds: float = 0.2,
         heartbeat_seconds: float = 1.0,
         stale_seconds: float = 6.0,
+        local: FileControlStore | None = None,
     ):
         self.core = core
         self.store = store
+        # This server's worker records, in a place that does not depend on the shared store
+        # (see server_ready); the shared store's records are for cross-replica things only.
+        self.local = local if local is not None else _local_of(store)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         # The workers of one server share the arbiter process (BentoML's) as their parent.
         self.server_id = f"{socket.gethostname()}:{os.getppid()}"
-        self.server_ready = False  # every worker of this server is ready (see _beat)
         self.poll, self.heartbeat, self.stale = poll_seconds, heartbeat_seconds, stale_seconds
         self.applied = -1  # generation this worker serves; -1 = not reconciled yet
+        self.reported_ready = False  # the last server-local record said ready
         self.errors: dict[str, str] = {}
         self.last_error: str | None = None
         self._lock = asyncio.Lock()
         self._stop = threading.Event()
         self._beat_lock = threading.Lock()
+        self._shared_lock = threading.Lock()
         self._task: asyncio.Task | None = None
 
     # --- the worker loop ----------------------------------------------------------------------
@@ -258,6 +297,7 @@ class Controller:
     def start(self) -> None:
         """Start the heartbeat thread and the reconcile task (call inside the event loop)."""
         threading.Thread(target=self._beat, name="mlserve-heartbeat", daemon=True).start()
+        threading.Thread(target=self._beat_shared, name="mlserve-shared-beat", daemon=True).start()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -274,6 +314,9 @@ class Controller:
                     # Serve the models loaded at start-up (like a cache outage, this never
                     # makes the worker unready); the record is applied once it can be read.
                     self.applied = 0
+            if self.reported_ready != (self.core.loader.ready and self.applied >= 0):
+                with contextlib.suppress(OSError):  # tell the siblings now, not at the beat
+                    await asyncio.to_thread(self._report_local)
             await asyncio.sleep(self.poll)
 
     async def poll_once(self) -> None:
@@ -338,9 +381,20 @@ class Controller:
         }
 
     def _report(self) -> None:
-        self.store.report(self.worker_id, self.record())
+        record = self.record()
+        with contextlib.suppress(OSError):
+            self._report_local(record)
+        self.store.report(self.worker_id, record)
+
+    def _report_local(self, record: dict[str, Any] | None = None) -> None:
+        record = record or self.record()
+        self.local.report(self.worker_id, record)
+        self.reported_ready = record["ready"]
 
     def _beat(self) -> None:
+        """The server-local heartbeat: this worker's record for its siblings (readiness, the
+        connection balance). It never touches the shared store, so a slow or dead Redis (each
+        call may retry for seconds) cannot let this worker's record go stale."""
         while not self._stop.wait(self.heartbeat):
             with self._beat_lock:
                 if self._stop.is_set():
@@ -348,30 +402,60 @@ class Controller:
                 record: dict[str, Any] = {}
                 with contextlib.suppress(Exception):
                     record = self.record()
-                    self.store.report(self.worker_id, record)
-                try:
-                    records = [
-                        r for r in self.live_workers().values() if r.get("server") == self.server_id
-                    ]
-                except Exception:
-                    records = None
-                self.server_ready = self._all_workers_ready(records)
+                    self._report_local(record)
+                server = self.server_workers().values()  # this worker's record included
                 self.core.balancer.rebalance(
-                    record.get("connections", 0), (r.get("connections", 0) for r in records or ())
+                    record.get("connections", 0), (r.get("connections", 0) for r in server)
                 )
 
-    def _all_workers_ready(self, records: list[dict[str, Any]] | None) -> bool:
-        """Whether every worker of this server reports ready: connections are spread over all
-        of them, so one that is still loading would answer 503. A store that cannot be read
-        (``records`` is None) does not hold readiness back (like the cache, it never makes the
-        service unready)."""
-        if records is None:
-            return True
-        ready = [r for r in records if r.get("ready")]
-        return len(ready) >= self.core.settings.effective_workers
+    def _beat_shared(self) -> None:
+        """The shared heartbeat: this worker's record in the shared store, for admin calls and
+        other replicas; it resumes by itself when the store comes back."""
+        while not self._stop.wait(self.heartbeat):
+            with self._shared_lock:
+                if self._stop.is_set():
+                    break
+                with contextlib.suppress(Exception):  # the shared store may be down
+                    self.store.report(self.worker_id, self.record())
+
+    def server_workers(self) -> dict[str, dict[str, Any]]:
+        """The live workers of this server, from the server-local records: fresh, and their
+        process still running (a killed worker drops out at once, not after ``stale``)."""
+        try:
+            records = self.local.workers()
+        except OSError:
+            return {}
+        now, out = time.time(), {}
+        for worker, record in records.items():
+            if record.get("server") != self.server_id:
+                continue  # MLSERVE_CONTROL_DIR shared by several servers on this host
+            if not _alive(record.get("pid")):
+                with contextlib.suppress(OSError):
+                    self.local.forget(worker)
+            elif now - record.get("ts", 0) <= self.stale:
+                out[worker] = record
+        return out
+
+    @property
+    def server_ready(self) -> bool:
+        """Whether every worker of this server is ready: connections are spread over all of
+        them, so one that is still loading (or being restarted) would answer 503.
+
+        Read from the server-local records (and this worker's own state), never from the shared
+        store: a Redis outage can neither make a ready server unready nor a loading one ready.
+        """
+        # Ready here only once the siblings can read it too, so no two workers disagree.
+        if not (self.core.loader.ready and self.applied >= 0 and self.reported_ready):
+            return False
+        others = [r for w, r in self.server_workers().items() if w != self.worker_id]
+        ready = 1 + sum(1 for r in others if r.get("ready"))
+        return ready >= self.core.settings.effective_workers
 
     def _leave(self) -> None:
-        with self._beat_lock:  # no heartbeat can land after this
+        # No heartbeat can land after this (each beat writes under its lock).
+        with self._beat_lock, contextlib.suppress(OSError):
+            self.local.forget(self.worker_id)
+        with self._shared_lock:
             self.store.forget(self.worker_id)
 
     async def aclose(self) -> None:

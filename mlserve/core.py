@@ -119,9 +119,25 @@ class ClassificationService:
     async def start_control(self) -> None:
         """Start following the shared desired state, and the periodic drift computation
         (inside the server's event loop)."""
+        await self._load_first_if_siblings_serve()
         self.control.start()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._drift_loop()), loop.create_task(self._ready_loop())]
+
+    async def _load_first_if_siblings_serve(self, limit_seconds: float = 600.0) -> None:
+        """A worker that joins a server whose other workers already serve (BentoML restarting
+        one that died) finishes loading its models before it accepts connections: it runs in
+        the server's start-up hook, before uvicorn listens, so the clients that reconnect all
+        reach the serving workers instead of getting 503 here while the models load. On a first
+        start no sibling serves yet, and /health answers during the loading as before."""
+        me = self.control.worker_id
+        siblings = self.control.server_workers()
+        if not any(r.get("ready") for w, r in siblings.items() if w != me):
+            return
+        log.info("other workers of this server are serving: loading before accepting requests")
+        deadline = time.monotonic() + limit_seconds
+        while not self.loader.done and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     async def _ready_loop(self) -> None:
         """Publish readiness as the mlserve_ready gauge once a second."""

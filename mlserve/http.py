@@ -227,6 +227,8 @@ class MLServeRoute(APIRoute):
                 response = JSONResponse(
                     error.to_dict(rid), status_code=error.status, headers=error.headers
                 )
+                if error.status == 408:  # the rest of the body may never come: hang up
+                    response.headers["connection"] = "close"
             if route in AUDITED and getattr(request.state, "actor", None) is not None:
                 _audit(request, core, rid, AUDITED[route], error)
             elapsed = time.perf_counter() - start

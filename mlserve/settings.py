@@ -64,6 +64,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "max_upload_mb",
         "max_request_kb",
         "body_timeout_seconds",
+        "header_timeout_seconds",
         "max_header_kb",
         "max_queue",
         "infer_timeout_seconds",
@@ -408,6 +409,13 @@ class Settings(BaseSettings):
         le=600,
         description="A request body that has not fully arrived within this many seconds (a slow "
         "client, or a body shorter than its Content-Length) gets 408.",
+    )
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="A connection whose request headers have not fully arrived within this many "
+        "seconds (from the connection, or from the previous response) gets 408 and is closed.",
     )
     max_header_kb: int = Field(
         64, ge=8, le=1024, description="Largest accepted request header block, in KiB (431)."

@@ -296,8 +296,9 @@ def test_a_server_is_ready_only_when_all_its_workers_are(store) -> None:
         deadline = time.monotonic() + 30  # generous: CI machines can be loaded
         while not (a.server_ready and b.server_ready) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        both = a.server_ready, b.server_ready
         await closed([a, b])
-        return alone, a.server_ready, b.server_ready
+        return alone, *both
 
     alone, a_ready, b_ready = asyncio.run(scenario())
     assert alone is False  # effective_workers=2 and only one has reported ready
@@ -431,3 +432,74 @@ def test_an_allkeys_eviction_policy_is_warned_about(redis_prefix) -> None:
         client.config_set("maxmemory-policy", before)
     assert warning and "allkeys-lru" in warning and "volatile-lru" in warning
     assert quiet is None
+
+
+class DownStore(FileControlStore):
+    """A shared store that cannot be reached (Redis down)."""
+
+    def __init__(self, directory: Path):
+        super().__init__(directory)
+        self.where = "redis:down"
+
+    def read(self):
+        raise ConnectionError("down")
+
+    def update(self, change, floor: int = 0):
+        raise ConnectionError("down")
+
+    def report(self, worker_id, record) -> None:
+        raise ConnectionError("down")
+
+    def workers(self):
+        raise ConnectionError("down")
+
+    def forget(self, worker_id) -> None:
+        raise ConnectionError("down")
+
+
+def test_a_shared_store_outage_never_makes_a_loading_server_ready(tmp_path: Path) -> None:
+    """Measured (issue #12): with Redis unreachable at start, one worker answered /ready 200
+    while its sibling was still loading. Readiness now comes from server-local records."""
+    local = FileControlStore(tmp_path / "server")
+
+    async def scenario():
+        a, b = workers(DownStore(tmp_path / "shared"))
+        for c in (a, b):
+            c.local = local
+        b.core.loader.ready = False  # b is still loading its models
+        await started([a, b])
+        await asyncio.sleep(0.3)  # several heartbeats
+        loading = a.server_ready, b.server_ready
+        b.core.loader.ready = True
+        deadline = time.monotonic() + 30
+        while not (a.server_ready and b.server_ready) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        loaded = a.server_ready, b.server_ready
+        await closed([a, b])
+        return loading, loaded
+
+    loading, loaded = asyncio.run(scenario())
+    assert loading == (False, False)
+    assert loaded == (True, True)  # and the outage itself never holds readiness back
+
+
+def test_a_killed_worker_counts_as_not_ready_at_once(store) -> None:
+    """A SIGKILLed worker's record stays fresh for a few seconds; its process is gone, so it
+    no longer counts (the server is unready until the restarted worker has loaded)."""
+
+    async def scenario():
+        a, b = workers(store)
+        await started([a, b])
+        deadline = time.monotonic() + 30
+        while not a.server_ready and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        both = a.server_ready
+        b._stop.set()  # b stops beating; its record says ready, from a pid that has exited
+        record = store.workers()["host:1"]
+        store.report("host:1", {**record, "pid": 2**22 + 1, "ts": time.time()})
+        gone = a.server_ready
+        await closed([a, b])
+        return both, gone
+
+    both, gone = asyncio.run(scenario())
+    assert both is True and gone is False

@@ -1,0 +1,116 @@
+"""A header timeout for uvicorn's HTTP/1.1 protocol (slow clients, "slowloris").
+
+BentoML 1.4 runs each worker's app with ``uvicorn.Config(..., timeout_keep_alive=...)`` and
+uvicorn's default HTTP protocol. uvicorn arms its keep-alive timer
+only once a response is complete, and cancels it on every byte received; nothing bounds how long
+a request's *headers* may take. A client that opens a connection and sends one header byte a
+second holds that connection (and its file descriptor) for as long as it likes; enough of them
+exhaust the worker. An ASGI middleware cannot help: the app is called only once the headers are
+complete. BentoML exposes no setting for it either (its ``http`` / ``traffic`` options map to
+``timeout_keep_alive``, ``timeout_graceful_shutdown`` and the request timeout).
+
+uvicorn's default is httptools when installed, else h11 (this image: h11).
+:class:`HeaderTimeoutMixin` adds one timer to either: armed when the connection is made and
+again when a response completes (waiting for the next request); if it fires before a new
+request's headers are complete, the client gets ``408`` and the connection is closed. The
+request body has its own limit (MLSERVE_BODY_TIMEOUT_SECONDS, in ``mlserve.http``).
+:func:`install` points uvicorn's ``auto``, ``h11`` and ``httptools`` protocol names at these
+classes; the service calls it at import, which in a BentoML worker comes before the uvicorn
+config is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+_408 = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s"
+)
+_BODY = b'{"error":"request_timeout","message":"the request headers did not arrive in time"}'
+
+
+class HeaderTimeoutMixin:
+    """A timer on top of a uvicorn HTTP/1.1 protocol (h11 or httptools).
+
+    Armed when the connection is made and when a response completes; when it fires, the
+    connection is still waiting for a request's headers if no new request cycle has started
+    since it was armed (both protocols start a cycle once a request's headers are complete).
+    """
+
+    header_timeout: float = 10.0
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    cycle: Any
+
+    def _arm_header_timer(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+        self._header_timer = self.loop.call_later(
+            self.header_timeout, self._headers_late, self.cycle
+        )
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if not self.transport.is_closing():
+            self._arm_header_timer()  # a pipelined request already started: see _headers_late
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _headers_late(self, cycle_when_armed: Any) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not cycle_when_armed:
+            return  # a request's headers arrived since: its own limits apply
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # still answering the request (a pipelined one, say)
+        if getattr(self.cycle, "more_body", False):
+            self.transport.close()  # answered (408) while its body was still arriving
+            return
+        try:
+            self.transport.write(_408 % (len(_BODY), _BODY))
+        finally:
+            self.transport.close()
+
+
+def _with_header_timeout(base: type) -> type:
+    return type(f"HeaderTimeout{base.__name__}", (HeaderTimeoutMixin, base), {})
+
+
+from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
+
+HeaderTimeoutH11Protocol = _with_header_timeout(H11Protocol)
+try:  # uvicorn's default protocol when installed (uvicorn[standard])
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # only h11 here (BentoML does not require httptools)
+    HeaderTimeoutHttpToolsProtocol = None
+else:
+    HeaderTimeoutHttpToolsProtocol = _with_header_timeout(HttpToolsProtocol)
+HeaderTimeoutAutoProtocol = HeaderTimeoutHttpToolsProtocol or HeaderTimeoutH11Protocol
+
+
+def install(header_timeout: float) -> None:
+    """Make uvicorn's ``auto``, ``h11`` and ``httptools`` protocols bound request headers to
+    ``header_timeout`` seconds."""
+    import uvicorn.config
+
+    HeaderTimeoutMixin.header_timeout = header_timeout
+    protocols = {
+        "auto": "HeaderTimeoutAutoProtocol",
+        "h11": "HeaderTimeoutH11Protocol",
+        "httptools": "HeaderTimeoutHttpToolsProtocol",
+    }
+    for name, cls in protocols.items():
+        if globals()[cls] is not None:
+            uvicorn.config.HTTP_PROTOCOLS[name] = f"{__name__}:{cls}"
