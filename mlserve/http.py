@@ -366,24 +366,23 @@ async def _read_body(request: Request, media: str, core: ClassificationService) 
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body is over the {limit} byte limit", limit=limit)
     chunks, size = [], 0
-    stream = request.stream().__aiter__()
-    deadline = time.monotonic() + settings.body_timeout_seconds
-    while True:
-        try:
-            chunk = await asyncio.wait_for(stream.__anext__(), deadline - time.monotonic())
-        except StopAsyncIteration:
-            break
-        except TimeoutError:
-            raise RequestTimeoutError(
-                f"the request body did not arrive within {settings.body_timeout_seconds:g} s "
-                "(is it shorter than its Content-Length?)"
-            ) from None
-        except ClientDisconnect:
-            raise BadRequestError("the client left before sending the whole body") from None
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body is over the {limit} byte limit", limit=limit)
-        chunks.append(chunk)
+    try:
+        # One timer for the whole body (not one wait_for per chunk: that costs a task each).
+        async with asyncio.timeout(settings.body_timeout_seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(
+                        f"request body is over the {limit} byte limit", limit=limit
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the request body did not arrive within {settings.body_timeout_seconds:g} s "
+            "(is it shorter than its Content-Length?)"
+        ) from None
+    except ClientDisconnect:
+        raise BadRequestError("the client left before sending the whole body") from None
     request._body = b"".join(chunks)  # what FastAPI reads (request.body(), request.form())
     if media == "application/json" and not request._body.strip():
         raise BadRequestError("request body is not valid JSON")
