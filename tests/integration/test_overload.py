@@ -123,8 +123,16 @@ def test_a_flood_on_the_transformer_gets_answers_or_fast_refusals(start_server, 
         assert probe and {code for code, _ in probe} == {200}, figures
         with server.client() as client:  # healthy afterwards
             assert client.get("/ready").status_code == 200
-            answer = client.post("/predict", json={"text": REVIEW, "model_version": "sentiment:v2"})
-            assert answer.status_code == 200
+            # The queue left by the flood drains first (its jobs are skipped once their
+            # deadlines pass), so the transformer may refuse for a few seconds more.
+            deadline, codes = time.monotonic() + 30, []
+            while time.monotonic() < deadline:
+                flood_body = {"text": REVIEW, "model_version": "sentiment:v2"}
+                codes.append(client.post("/predict", json=flood_body).status_code)
+                if codes[-1] == 200:
+                    break
+                time.sleep(0.5)
+            assert codes[-1] == 200 and set(codes) <= {200, 503}, codes
             metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
             assert 'mlserve_overloaded_total{model_version="sentiment:v2",reason="deadline"}' in (
                 metrics
