@@ -182,6 +182,18 @@ def linked_store(model_home: Path, models: Path) -> Path:
     return models
 
 
+def forget_redis_keys(url: str, *prefixes: str) -> None:
+    """Delete the keys a test left in a shared Redis: cache entries under each prefix, and the
+    control state of a namespace of the same name."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    for prefix in prefixes:
+        for pattern in (f"{prefix}:*", f"mlserve:control:{prefix}:*"):
+            for key in client.scan_iter(pattern):
+                client.delete(key)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

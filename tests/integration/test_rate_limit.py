@@ -8,8 +8,8 @@ import uuid
 
 import httpx
 import pytest
-import redis
 
+from tests.integration.conftest import forget_redis_keys
 from tests.integration.test_cache_redis import _free_port, start_redis
 
 pytestmark = pytest.mark.integration
@@ -42,10 +42,7 @@ def server(start_server):
     )
     yield server
     server.stop()
-    client = redis.Redis.from_url(REDIS_URL)
-    for pattern in (f"{prefix}:*", f"mlserve:control:{prefix}:*"):
-        for key in client.scan_iter(pattern):
-            client.delete(key)
+    forget_redis_keys(REDIS_URL, prefix)
 
 
 def test_exactly_the_limit_succeeds_across_workers_and_keys_are_apart(server) -> None:
