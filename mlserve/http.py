@@ -23,7 +23,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
@@ -242,7 +242,7 @@ class MLServeRoute(APIRoute):
             except MLServeError as exc:
                 error = exc
             except RequestValidationError as exc:
-                error = _schema_error(exc)
+                error = _schema_error(exc.errors())
             except StarletteHTTPException as exc:  # FastAPI could not parse the body
                 error = BadRequestError(
                     "request body is not valid JSON"
@@ -324,13 +324,7 @@ async def _limit(
 
 
 def _pydantic_error(exc: pydantic.ValidationError) -> MLServeError:
-    errors = exc.errors(include_input=False, include_url=False)
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return BadRequestError("request body is not valid JSON")
-    problems = [
-        {"field": ".".join(str(p) for p in e["loc"]) or "body", "problem": e["msg"]} for e in errors
-    ]
-    return ValidationError("the request does not match the schema", problems=problems)
+    return _schema_error(exc.errors(include_input=False, include_url=False))
 
 
 def _request_id(request: Request) -> str:
@@ -388,9 +382,12 @@ async def _read_body(request: Request, media: str, core: ClassificationService) 
         raise BadRequestError("request body is not valid JSON")
 
 
-def _schema_error(exc: RequestValidationError) -> MLServeError:
+def _schema_error(errors: Sequence[Any]) -> MLServeError:
+    """Validation errors (pydantic's or FastAPI's) as the service's typed error: 400 for a body
+    that is not JSON at all, else 422 with each problem's field (without its body/query/path
+    prefix) and message."""
     problems = []
-    for e in exc.errors():
+    for e in errors:
         if e.get("type") == "json_invalid":
             return BadRequestError("request body is not valid JSON")
         loc = [str(p) for p in e.get("loc", ())]
