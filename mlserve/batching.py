@@ -198,6 +198,12 @@ class AdaptiveBatcher:
         needed = 2 * max(batch_texts / self._texts_per_s, self._batch_s)
         if time.perf_counter() + needed <= job.deadline:
             return False
+        if job.enqueued + needed > job.deadline:
+            # Not even a job taken the moment it arrived could meet its deadline by this
+            # estimate, yet admission let it in: the estimate is stale (learnt while the CPU
+            # was starved). Refusing on it would refuse every job and never run a batch that
+            # could correct it, so run this one and learn from it.
+            return False
         self._on_reject("deadline")
         job.future.set_exception(
             OverloadedError(

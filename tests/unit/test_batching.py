@@ -288,3 +288,19 @@ def test_a_request_that_times_out_still_queued_is_overload_not_a_504() -> None:
     assert error.status == 503 and error.code == "overloaded"
     assert int(error.headers["Retry-After"]) >= 1
     assert model.batches == [["first"]]  # the queued one was skipped, never computed
+
+
+def test_an_estimate_learnt_while_slow_never_locks_the_model_out() -> None:
+    """A model that was slow (a starved CPU) and is fast again must serve again: the estimate
+    learnt while slow may not refuse every job, or no batch would ever run to correct it."""
+    model = LengthModel(delay=0.6)
+    batcher = AdaptiveBatcher(model, max_batch_size=4, max_latency_ms=0)
+
+    async def go():
+        await batcher.submit(["slow"], timeout=5)  # learns 0.6 s a batch
+        model.delay = 0.0
+        return [await batcher.submit([f"fast{i}"], timeout=1.0) for i in range(3)]
+
+    answers = run(go())
+    assert [a.batch_size for a in answers] == [1, 1, 1]
+    assert model.batches == [["slow"], ["fast0"], ["fast1"], ["fast2"]]
