@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bentoml
 
+from mlserve.drain import install as install_drain
 from mlserve.http import create_app
 from mlserve.middleware import (
     API_CSP,
@@ -23,6 +24,8 @@ from mlserve.settings import get_settings
 _settings = get_settings()
 # Imported by each worker before BentoML builds its uvicorn config: bound slow request headers.
 install_header_timeout(_settings.header_timeout_seconds)
+# ... and drain on SIGTERM: finish what was sent, take nothing new (mlserve.drain).
+install_drain(_settings.drain_seconds)
 _http: dict = {}
 if _settings.cors_origins:
     _http["cors"] = {

@@ -375,7 +375,9 @@ def serve_cmd(
     ]
     # Not subprocess.call: BentoML's workers run in sessions of their own and outlive an arbiter
     # that is killed. The supervisor forwards SIGTERM/SIGINT and waits until all of them are gone.
-    raise typer.Exit(supervise(cmd, env))
+    # The workers drain for settings.drain_seconds (mlserve.drain); the supervisor forces
+    # whatever is left after that.
+    raise typer.Exit(supervise(cmd, env, drain=settings.drain_seconds))
 
 
 @app.command("containerize")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 import mlserve
+from mlserve import drain
 from mlserve import observability as obs
 from mlserve.admin import AdminAudit
 from mlserve.balance import ConnectionBalancer
@@ -332,11 +333,17 @@ class ClassificationService:
     def ready(self) -> bool:
         """Every start-up model is loaded, the worker follows the shared model state, and so
         do the other workers of this server."""
-        return self.loader.ready and self.control.applied >= 0 and self.control.server_ready
+        return (
+            self.loader.ready
+            and self.control.applied >= 0
+            and self.control.server_ready
+            and not drain.STATE.draining
+        )
 
     def readiness(self) -> dict:
         return {
             "ready": self.ready,
+            "draining": drain.STATE.draining,
             "models": dict(self.loader.status),
             "errors": dict(self.loader.errors),
             "control": {

@@ -1,7 +1,8 @@
 """ASGI middleware that ``service.py`` puts around the whole BentoML app, so it also covers
 BentoML's own routes (/livez, /readyz), CORS preflights and unknown paths.
 
-* :class:`SecurityHeadersMiddleware` adds the security headers to every response.
+* :class:`SecurityHeadersMiddleware` adds the security headers to every response, and
+  ``Connection: close`` to every response while the worker drains (mlserve.drain).
 * :class:`HeaderLimitMiddleware` refuses (431) a request whose headers are too large.
 * :class:`JsonNotFoundMiddleware` turns the plain-text 404 of BentoML's outer router into the
   service's JSON error body.
@@ -13,8 +14,10 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from mlserve import drain
 from mlserve.errors import error_body
 
+_CLOSE = (b"connection", b"close")
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
 # Paths of the interactive docs, whose page needs its own script and styles (see mlserve.docs).
 DOCS_PREFIXES = ("/docs",)
@@ -67,6 +70,9 @@ class SecurityHeadersMiddleware:
         async def send_with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                if drain.STATE.draining:  # the client's next request goes elsewhere
+                    headers = [(k, v) for k, v in headers if k.lower() != b"connection"]
+                    headers.append(_CLOSE)
                 message = {**message, "headers": [*headers, *extra]}
             await send(message)
 

@@ -109,6 +109,11 @@ class _Metrics:
             "answers 503 while it is 0). Updated every second.",
             multiprocess_mode="livemin",
         )
+        self.draining = Gauge(
+            "mlserve_draining",
+            "1 while a worker drains on SIGTERM (/ready is 503, no new connections are taken).",
+            multiprocess_mode="livemax",
+        )
         self.loaded = Gauge(
             "mlserve_model_loaded",
             "1 while a model version is loaded in a worker.",
@@ -166,6 +171,10 @@ def observe_cache(event: str, n: int) -> None:
 
 def observe_ready(ready: bool) -> None:
     metrics().ready.set(1 if ready else 0)
+
+
+def observe_draining(on: bool) -> None:
+    metrics().draining.set(1 if on else 0)
 
 
 def observe_cache_circuit(is_open: bool) -> None:

@@ -256,6 +256,9 @@ class HealthResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     ready: bool
+    draining: bool = Field(
+        False, description="True once the worker got SIGTERM: it finishes what it has and exits."
+    )
     models: dict[str, str] = Field(description="Each start-up model's state.")
     errors: dict[str, str] = Field(description="Load errors by model.")
     control: dict[str, Any] = Field(description="The control path: store, namespace, generation.")

@@ -74,6 +74,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "http": (
         "host",
         "port",
+        "drain_seconds",
         "cors_origins",
         "log_io",
         "api_keys",
@@ -461,6 +462,14 @@ class Settings(BaseSettings):
     # --- HTTP ---------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address `mlserve serve` binds.")
     port: int = Field(3000, ge=1, le=65535, description="Port `mlserve serve` binds.")
+    drain_seconds: float = Field(
+        20.0,
+        ge=1,
+        le=600,
+        description="On SIGTERM: /ready turns 503, no new connection is taken, and requests in "
+        "flight and queued finish; the server exits within this many seconds, then forces the "
+        "rest. Keep it under Kubernetes' terminationGracePeriodSeconds less the preStop delay.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (comma-separated); empty = off."
     )

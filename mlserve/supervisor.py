@@ -9,8 +9,9 @@ This supervisor is the container's entrypoint (``python supervisor.py -- CMD...`
   re-parented to it rather than to init, and it reaps every child (it may be PID 1);
 * tracks the arbiter's descendants (re-read every 2 s, and every 0.2 s while stopping; psutil,
   with start times, so a reused pid is never signalled);
-* forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to the arbiter; once the arbiter has exited, or
-  when the drain time (``MLSERVE_DRAIN_SECONDS``, default 8: under Docker's 10 s stop timeout)
+* forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to the arbiter (which sends SIGTERM to its
+  workers: they drain, see mlserve.drain); once the arbiter has exited, or when the drain time
+  (``MLSERVE_DRAIN_SECONDS``, default 20; the image sets 8, under Docker's 10 s stop timeout)
   has passed, it sends SIGTERM to every descendant still alive, then SIGKILL after 2 s more;
 * exits only when none of them is left, with the arbiter's exit status (128 + signal number
   when a signal ended it, 0 when our own forwarded SIGTERM or SIGINT did).
@@ -35,7 +36,7 @@ from collections.abc import Sequence
 import psutil
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
-DEFAULT_DRAIN_SECONDS = 8.0
+DEFAULT_DRAIN_SECONDS = 20.0  # the default of Settings.drain_seconds
 KILL_AFTER_SECONDS = 2.0
 POLL_SECONDS = 0.2
 # Scanning the process table costs a few ms: every 2 s while serving, every poll when stopping.

@@ -31,8 +31,6 @@ WRITABLE = {
     "/home/bentoml/tmp",
     "/home/bentoml/prometheus_multiproc_dir",
 }
-# Set in the ConfigMap ahead of the settings field that a parallel change adds.
-PENDING_SETTINGS = {"MLSERVE_DRAIN_SECONDS"}
 
 
 def _kustomize() -> list[str]:
@@ -189,7 +187,7 @@ def test_probes_and_drain(overlay: str) -> None:
 def test_settings_come_from_the_config_file_the_configmap_and_the_secret(tmp_path) -> None:
     from mlserve.settings import Settings
 
-    known = {f"MLSERVE_{name.upper()}" for name in Settings.model_fields} | PENDING_SETTINGS
+    known = {f"MLSERVE_{name.upper()}" for name in Settings.model_fields}
     shipped = (ROOT / "deploy" / "config" / "config.yaml").read_text()
     for overlay in OVERLAYS:
         docs = render(overlay)
@@ -211,7 +209,7 @@ def test_settings_come_from_the_config_file_the_configmap_and_the_secret(tmp_pat
         # What the pod runs is a valid configuration: the file under the pod's variables and
         # stand-ins for its secrets, through the settings' own validators.
         (tmp_path / "config.yaml").write_text(file_map["data"]["config.yaml"])
-        env = {k: v for k, v in config.items() if k in known and k not in PENDING_SETTINGS}
+        env = {k: v for k, v in config.items() if k in known}
         env["MLSERVE_CONFIG_FILE"] = str(tmp_path / "config.yaml")
         settings = Settings(
             _env_file=None,

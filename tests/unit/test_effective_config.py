@@ -197,11 +197,14 @@ def test_cli_serve_hands_the_file_read_here_to_the_workers(monkeypatch: pytest.M
     import mlserve.supervisor
 
     seen: dict = {}
-    monkeypatch.setattr(mlserve.supervisor, "run", lambda cmd, env: seen.update(env=env) or 0)
+    monkeypatch.setattr(
+        mlserve.supervisor, "run", lambda cmd, env, drain: seen.update(env=env, drain=drain) or 0
+    )
     path = Path("config.yaml").absolute()
-    path.write_text("cache: {ttl_seconds: 5}\n")
+    path.write_text("cache: {ttl_seconds: 5}\nhttp: {drain_seconds: 7}\n")
     assert CliRunner().invoke(app, ["serve"]).exit_code == 0
     assert seen["env"]["MLSERVE_CONFIG_FILE"] == str(path)
+    assert seen["drain"] == 7  # the supervisor forces what is left after the workers' drain
     path.unlink()
     assert CliRunner().invoke(app, ["serve"]).exit_code == 0
     assert seen["env"]["MLSERVE_CONFIG_FILE"] == ""
