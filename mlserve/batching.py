@@ -172,6 +172,7 @@ class AdaptiveBatcher:
 
     def _take(self) -> list[_Job]:
         jobs, n = [], 0
+        earliest = float("inf")  # the earliest deadline in the batch so far
         while self._queue:
             job = self._queue[0]
             if job.future.done():  # timed out while queued
@@ -180,24 +181,38 @@ class AdaptiveBatcher:
                 continue
             if jobs and n + len(job.texts) > self.max_batch_size:
                 break
+            if jobs and not self._fits(n + len(job.texts), min(earliest, job.deadline)):
+                # A bigger batch would finish after a deadline of a job already in it: run
+                # what we have; this job heads the next batch.
+                break
             self._queue.popleft()
             self._queued_texts -= len(job.texts)
             if self._too_late(job, n + len(job.texts)):
                 continue
             jobs.append(job)
             n += len(job.texts)
+            earliest = min(earliest, job.deadline)
         return jobs
+
+    def _needed(self, batch_texts: int) -> float:
+        """Seconds to allow for a batch of ``batch_texts`` texts: twice the expected time, so a
+        batch that starts finishes even when the CPU is contended (the estimate comes from
+        recent batches, which may have had it to spare). Linear in the batch's size, so a job
+        near its deadline caps the size of the batch it joins."""
+        assert self._texts_per_s is not None
+        return 2 * batch_texts / self._texts_per_s
+
+    def _fits(self, batch_texts: int, deadline: float) -> bool:
+        if self._texts_per_s is None:
+            return True
+        return time.perf_counter() + self._needed(batch_texts) <= deadline
 
     def _too_late(self, job: _Job, batch_texts: int) -> bool:
         """Refuse (503 overloaded) a queued job that a batch of ``batch_texts`` texts could not
         finish before its deadline: running it would only end in a 504."""
-        if self._texts_per_s is None or self._batch_s is None:
+        if self._fits(batch_texts, job.deadline):
             return False
-        # Twice the expected batch time: a batch that starts must finish, even when the CPU is
-        # contended (the estimate comes from recent batches, which may have had it to spare).
-        needed = 2 * max(batch_texts / self._texts_per_s, self._batch_s)
-        if time.perf_counter() + needed <= job.deadline:
-            return False
+        needed = self._needed(batch_texts)
         if job.enqueued + needed > job.deadline:
             # Not even a job taken the moment it arrived could meet its deadline by this
             # estimate, yet admission let it in: the estimate is stale (learnt while the CPU

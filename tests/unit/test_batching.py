@@ -304,3 +304,27 @@ def test_an_estimate_learnt_while_slow_never_locks_the_model_out() -> None:
     answers = run(go())
     assert [a.batch_size for a in answers] == [1, 1, 1]
     assert model.batches == [["slow"], ["fast0"], ["fast1"], ["fast2"]]
+
+
+def test_a_batch_stops_growing_before_it_would_make_its_first_job_late() -> None:
+    """The head of the queue has little time left: the batch it heads holds only what can be
+    computed before its deadline; the rest wait for the next batch instead of making it late."""
+    model = LengthModel(delay=0.02)
+    batcher = AdaptiveBatcher(model, max_batch_size=64, max_latency_ms=0)
+
+    async def go():
+        await batcher.submit(["warm"], timeout=5)  # learns 50 texts/s: 40 ms a text, with x2
+        model.delay = 0.0
+        urgent = asyncio.create_task(batcher.submit(["urgent"], timeout=0.25))
+        others = [asyncio.create_task(batcher.submit([f"t{i}"], timeout=5)) for i in range(40)]
+        await asyncio.sleep(0)
+        return await urgent, await asyncio.gather(*others)
+
+    urgent, others = run(go())
+    assert all(o.batch_size >= 1 for o in others)  # every other job was answered too
+    # 0.25 s at 40 ms a text: the urgent job's batch holds at most 6 texts.
+    assert 2 <= urgent.batch_size <= 6
+    assert model.batches[1][0] == "urgent" and len(model.batches) >= 3
+    assert sorted(t for b in model.batches[1:] for t in b) == sorted(
+        ["urgent", *[f"t{i}" for i in range(40)]]
+    )
