@@ -46,6 +46,11 @@ _ssl = (
     if _settings.tls
     else {}
 )
+# BentoML wraps every request in an OpenTelemetry span (two, with the response's), exported
+# nowhere unless a tracing exporter is configured. Unless tracing is wanted, every URL is
+# excluded, so the middleware passes requests straight through (mlserve.http logs and counts
+# each request itself).
+_tracing = {} if _settings.tracing_enabled else {"tracing": {"excluded_urls": ["."]}}
 _core = None
 http_app = create_app(lambda: _core, docs=_settings.docs_enabled)
 
@@ -62,6 +67,7 @@ http_app = create_app(lambda: _core, docs=_settings.docs_enabled)
     # itself, with route templates and loaded versions as the only label values.
     metrics={"enabled": False},
     **_ssl,
+    **_tracing,
 )
 @bentoml.asgi_app(http_app, path="/")
 class MLServe:

@@ -1,0 +1,44 @@
+"""BentoML's per-request OpenTelemetry spans are off unless MLSERVE_TRACING_ENABLED is set."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE = """
+import json, service
+from bentoml._internal.container import BentoMLContainer
+service.MLServe.to_asgi(is_main=True)  # applies the service's configuration, as a worker does
+excluded = BentoMLContainer.tracing_excluded_urls.get()
+print(json.dumps({
+    "config": service.MLServe.config.get("tracing"),
+    "predict_traced": not excluded.url_disabled("http://127.0.0.1:3000/predict"),
+    "health_traced": not excluded.url_disabled("http://127.0.0.1:3000/health"),
+}))
+"""
+
+
+def _probe(tmp_path: Path, **env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MLSERVE_")}
+    clean.update(env, BENTOML_HOME=str(tmp_path), PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=tmp_path, env=clean, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_no_span_is_made_by_default(tmp_path: Path) -> None:
+    seen = _probe(tmp_path)
+    assert seen["config"] == {"excluded_urls": ["."]}
+    assert not seen["predict_traced"] and not seen["health_traced"]
+
+
+def test_tracing_enabled_leaves_bentoml_tracing_as_configured(tmp_path: Path) -> None:
+    seen = _probe(tmp_path, MLSERVE_TRACING_ENABLED="true")
+    assert seen["config"] is None
+    assert seen["predict_traced"] and seen["health_traced"]
