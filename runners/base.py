@@ -21,6 +21,7 @@ from mlserve.store import StoredModel, open_model
 FAMILIES = {
     "classical": "runners.classical:ClassicalRunner",
     "transformer": "runners.transformer:TransformerRunner",
+    "onnx": "runners.onnx:OnnxRunner",
 }
 WARMUP_TEXTS = ["warm up", "a slightly longer sentence to warm the model up with padding"]
 

@@ -297,8 +297,10 @@ def save_result(
     reason: str,
     reports_dir: Path | None = None,
     overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> StoredModel:
-    """Write ``result`` into the store as ``tag`` with full metadata, plots and model card."""
+    """Write ``result`` into the store as ``tag`` with full metadata, plots and model card
+    (``extra``: more metadata, e.g. an optimised variant's quality gate)."""
     fit, ds, cfg = result.fitted, run.dataset, run.config
     meta: dict[str, Any] = {
         "tag": tag,
@@ -340,6 +342,7 @@ def save_result(
         "speed": result.speed,
         "library_versions": library_versions(),
         "mlserve_version": mlserve.__version__,
+        **(extra or {}),
     }
 
     train_idx, _, test_idx = _split(ds, cfg)

@@ -89,6 +89,23 @@ def _fmt(value: float) -> str:
     return "n/a" if value != value else f"{value:.3f}"  # NaN check
 
 
+def _quality_gate(meta: dict) -> str:
+    gate = meta.get("quality_gate")
+    if not gate:
+        return ""
+    return f"""## Quality gate (optimised from {gate["source"]})
+
+{gate["quantization"]}. On the test split, against the float model:
+
+| label agreement | largest probability difference | macro-F1 (float) | ECE (float) | ms/text @1 (float) | ms/text @32 (float) |
+|---|---|---|---|---|---|
+| {_fmt(gate["label_agreement"])} | {_fmt(gate["max_probability_difference"])} | {_fmt(gate["test_f1_macro"])} ({_fmt(gate["float_test_f1_macro"])}) | {_fmt(gate["test_ece"])} ({_fmt(gate["float_test_ece"])}) | {gate["ms_per_text_batch1"]} ({gate["float_ms_per_text_batch1"]}) | {gate["ms_per_text_batch32"]} ({gate["float_ms_per_text_batch32"]}) |
+
+Saved because its macro-F1 is within {gate["max_f1_drop"]} of the float model's.
+
+"""
+
+
 def model_card(meta: dict) -> str:
     """A short markdown model card from the model's metadata."""
     test = meta["metrics"]["test"]
@@ -134,7 +151,7 @@ def model_card(meta: dict) -> str:
 Baseline on the same split, {meta["baseline"]["name"]}: test accuracy
 {_fmt(meta["baseline"]["test"]["accuracy"])}, macro-F1 {_fmt(meta["baseline"]["test"]["f1_macro"])}.
 
-## Intended use and limits
+{_quality_gate(meta)}## Intended use and limits
 
 Served by mlserve. Inputs are cleaned with the stored configuration
 ({meta["preprocessing"]["cleaning"]}); texts longer than the feature extractor's limit are

@@ -309,12 +309,11 @@ def test_an_estimate_learnt_while_slow_never_locks_the_model_out() -> None:
 def test_a_batch_stops_growing_before_it_would_make_its_first_job_late() -> None:
     """The head of the queue has little time left: the batch it heads holds only what can be
     computed before its deadline; the rest wait for the next batch instead of making it late."""
-    model = LengthModel(delay=0.02)
+    model = LengthModel()
     batcher = AdaptiveBatcher(model, max_batch_size=64, max_latency_ms=0)
+    batcher._learn(1, 0.02)  # the model's recent rate: 50 texts/s (40 ms a text, with x2)
 
     async def go():
-        await batcher.submit(["warm"], timeout=5)  # learns 50 texts/s: 40 ms a text, with x2
-        model.delay = 0.0
         urgent = asyncio.create_task(batcher.submit(["urgent"], timeout=0.25))
         others = [asyncio.create_task(batcher.submit([f"t{i}"], timeout=5)) for i in range(40)]
         await asyncio.sleep(0)
@@ -322,9 +321,10 @@ def test_a_batch_stops_growing_before_it_would_make_its_first_job_late() -> None
 
     urgent, others = run(go())
     assert all(o.batch_size >= 1 for o in others)  # every other job was answered too
-    # 0.25 s at 40 ms a text: the urgent job's batch holds at most 6 texts.
-    assert 2 <= urgent.batch_size <= 6
-    assert model.batches[1][0] == "urgent" and len(model.batches) >= 3
-    assert sorted(t for b in model.batches[1:] for t in b) == sorted(
+    # 0.25 s at 40 ms a text: the urgent job's batch holds at most 6 texts (fewer when the
+    # machine is slow to get there), and the other 40 texts follow in later batches.
+    assert 1 <= urgent.batch_size <= 6
+    assert model.batches[0][0] == "urgent" and len(model.batches[0]) == urgent.batch_size
+    assert sorted(t for b in model.batches for t in b) == sorted(
         ["urgent", *[f"t{i}" for i in range(40)]]
     )

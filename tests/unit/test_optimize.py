@@ -1,0 +1,112 @@
+"""The int8 ONNX variant (training.optimize, runners.onnx) on a tiny real MiniLM model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlserve.store import model_exists, open_model
+from runners import load_runner
+from tests.unit.test_runners import tiny_dataset
+from training.optimize import QualityGateError, optimize_int8
+from training.pipeline import TrainConfig, save_result, train
+
+TEXTS = [
+    "the striker scored twice in the final",
+    "add garlic and onions to the hot pan",
+    "a startup built a chip for machine learning workloads and a much longer sentence too",
+]
+
+
+@pytest.fixture(scope="module")
+def float_tag() -> str:
+    run = train(tiny_dataset(), TrainConfig(candidates=("minilm",)))
+    save_result(run, run.results[0], "unit-opt:v1", "unit test", overwrite=True)
+    return "unit-opt:v1"
+
+
+@pytest.fixture(scope="module")
+def int8_tag(float_tag: str) -> str:
+    # The tiny data set's test split holds 5 texts: a gate of 1.0 lets any variant through.
+    stored = optimize_int8(
+        float_tag, "unit-opt:v2", dataset=tiny_dataset(), max_f1_drop=1.0, overwrite=True
+    )
+    return stored.tag
+
+
+def test_the_variant_is_an_onnx_model_in_safe_files_with_its_gate(int8_tag: str) -> None:
+    model = open_model(int8_tag)  # every file's sha256 checked
+    assert model.family == "onnx"
+    files = set(model.metadata["files"])
+    assert {"encoder/model.onnx", "encoder/tokenizer.json", "head.safetensors"} <= files
+    assert not [f for f in files if f.endswith((".pkl", ".pt", ".bin", ".joblib"))]
+    gate = model.metadata["quality_gate"]
+    assert gate["passed"] and gate["source"] == "unit-opt:v1"
+    assert gate["export_parity_max_abs"] < 1e-4
+    assert 0.0 <= gate["label_agreement"] <= 1.0
+    assert 0.0 <= gate["max_probability_difference"] <= 1.0
+    for key in ("test_f1_macro", "float_test_f1_macro", "test_ece", "ms_per_text_batch32"):
+        assert gate[key] is not None
+    card = (model.path / "report" / "model_card.md").read_text()
+    assert "## Quality gate (optimised from unit-opt:v1)" in card
+
+
+def test_the_onnx_runner_answers_like_the_float_model(float_tag: str, int8_tag: str) -> None:
+    float_runner, int8_runner = load_runner(float_tag), load_runner(int8_tag)
+    try:
+        a, b = float_runner.predict(TEXTS), int8_runner.predict(TEXTS)
+        assert b.labels == a.labels and b.probabilities.shape == a.probabilities.shape
+        assert np.allclose(b.probabilities.sum(axis=1), 1.0)
+        assert b.predicted == a.predicted  # clear-cut texts: int8 agrees
+        one = int8_runner.predict(TEXTS[2:])  # a batch of one answers as within the batch
+        assert np.allclose(one.probabilities, b.probabilities[2:], atol=1e-5)
+        assert {"model_ms", "postprocess_ms", "preprocess_ms"} <= set(b.timing_ms)
+    finally:
+        float_runner.close()
+        int8_runner.close()
+
+
+def test_the_onnx_tokenizer_matches_the_float_models(float_tag: str, int8_tag: str) -> None:
+    from transformers import AutoTokenizer
+
+    from runners.onnx import OnnxEncoder
+
+    path = open_model(int8_tag).path / "encoder"
+    encoder = OnnxEncoder(path, max_tokens=8)
+    reference = AutoTokenizer.from_pretrained(open_model(float_tag).path / "encoder")
+    expected = reference(TEXTS, padding="longest", truncation=True, max_length=8)
+    got = encoder.tokenizer.encode_batch(TEXTS)
+    assert [e.ids for e in got] == expected["input_ids"]
+    assert [e.attention_mask for e in got] == expected["attention_mask"]
+
+
+def test_a_variant_under_the_gate_is_not_saved(float_tag: str) -> None:
+    with pytest.raises(QualityGateError, match="not saved"):
+        optimize_int8(float_tag, "unit-opt:v9", dataset=tiny_dataset(), max_f1_drop=-1.0)
+    assert not model_exists("unit-opt:v9")
+
+
+def test_only_transformer_models_and_their_own_data_are_accepted(float_tag: str) -> None:
+    from mlserve.errors import DataError
+    from training.data import Dataset
+
+    other = Dataset("other", ["a b c"] * 15, ["x"] * 5 + ["y"] * 5 + ["z"] * 5, source="tests")
+    with pytest.raises(DataError, match="sha256"):
+        optimize_int8(float_tag, "unit-opt:v8", dataset=other)
+    run = train(tiny_dataset(), TrainConfig(candidates=("logreg",)))
+    save_result(run, run.results[0], "unit-opt-lr:v1", "unit test", overwrite=True)
+    with pytest.raises(DataError, match="only transformer"):
+        optimize_int8("unit-opt-lr:v1", "unit-opt-lr:v2", dataset=tiny_dataset())
+
+
+def test_providers_fall_back_to_the_cpu(monkeypatch) -> None:
+    import onnxruntime as ort
+
+    from runners.onnx import providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert providers("auto") == providers("cuda") == ["CPUExecutionProvider"]
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: both)
+    assert providers("auto") == both
+    assert providers("cpu") == ["CPUExecutionProvider"]

@@ -1,0 +1,285 @@
+"""Optimise a stored transformer model into a new version: an int8 ONNX encoder (``onnx`` family).
+
+``mlserve optimize sentiment:v2 --int8 --as sentiment:v3``:
+
+1. export the source model's MiniLM encoder to ONNX (eager attention, so the padding mask
+   survives the export; mean pooling and L2 normalisation inside the graph), and check the
+   float graph against PyTorch;
+2. quantise its weights to int8 with ONNX Runtime's dynamic quantisation;
+3. rebuild the source's data split (same data set, checked by sha256; same seed and cleaning),
+   embed it with the int8 encoder, and fit the linear head again on those embeddings (int8 moves
+   the embeddings: a cosine of about 0.94 to the float ones), then calibrate on validation, as
+   training does;
+4. hold it to the quality gate: label agreement with the float model on the test split, the
+   largest probability difference, test macro-F1, ECE and ms per text. A variant whose macro-F1
+   is more than ``MAX_F1_DROP`` below the float model's is not saved (:class:`QualityGateError`
+   says why);
+5. save it (ONNX, safetensors and JSON only; a sha256 per file), with the gate in its metadata
+   and model card, and check that serving it reproduces the evaluated probabilities.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlserve.preprocessing import CleaningConfig, clean_texts
+from mlserve.store import StoredModel, open_model
+from training.data import DataError
+
+MAX_F1_DROP = 0.01
+"""The int8 variant may lose at most this much test macro-F1 against the float model."""
+EXPORT_PARITY = 1e-4
+"""The float ONNX graph must reproduce PyTorch's embeddings to this (before quantising)."""
+
+
+class QualityGateError(RuntimeError):
+    """The optimised variant is not good enough to save."""
+
+
+def export_encoder(encoder_dir: Path, out: Path, max_tokens: int) -> float:
+    """Export the MiniLM in ``encoder_dir`` to ``out`` (ONNX, float), with pooling and
+    normalisation inside the graph. Returns the largest embedding difference from PyTorch on a
+    few padded texts (raises if it is over ``EXPORT_PARITY``)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir, local_files_only=True)
+    # Eager attention: the SDPA path loses the padding mask in the exported graph.
+    model = AutoModel.from_pretrained(
+        encoder_dir, local_files_only=True, use_safetensors=True, attn_implementation="eager"
+    ).eval()
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, encoder: torch.nn.Module):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+    wrapped = Pooled(model).eval()
+    probe = [
+        "short",
+        "a somewhat longer sentence, so that the batch is padded",
+        "The medication helped, although the first week brought headaches and some nausea.",
+    ]
+    enc = tokenizer(
+        probe, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        expected = wrapped(enc["input_ids"], enc["attention_mask"]).numpy()
+    torch.onnx.export(
+        wrapped,
+        (enc["input_ids"], enc["attention_mask"]),
+        str(out),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["embedding"],
+        dynamic_axes={
+            "input_ids": {0: "batch", 1: "tokens"},
+            "attention_mask": {0: "batch", 1: "tokens"},
+            "embedding": {0: "batch"},
+        },
+        opset_version=17,
+        dynamo=False,
+    )
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(
+        None,
+        {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()},
+    )[0]
+    diff = float(np.abs(got - expected).max())
+    if diff > EXPORT_PARITY:
+        raise RuntimeError(f"the exported encoder differs from PyTorch by {diff:.2e}")
+    return diff
+
+
+def quantize_int8(src: Path, out: Path) -> None:
+    """Dynamic int8 quantisation of the weights (activations quantised at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True)
+
+
+def _dataset_of(source: StoredModel, dataset: Any = None) -> Any:
+    """The data set ``source`` was trained on (by name, or ``dataset``), checked by sha256."""
+    from training.data import load_named
+
+    meta = source.metadata["dataset"]
+    dataset = dataset if dataset is not None else load_named(meta["name"])
+    if dataset.sha256 != meta["sha256"]:
+        raise DataError(
+            f"{source.tag} was trained on {meta['name']} with sha256 {meta['sha256'][:16]}…, "
+            f"but the data set found now has {dataset.sha256[:16]}…"
+        )
+    return dataset
+
+
+def optimize_int8(
+    source_tag: str,
+    dest_tag: str,
+    *,
+    reports_dir: Path | None = None,
+    overwrite: bool = False,
+    max_f1_drop: float = MAX_F1_DROP,
+    dataset: Any = None,
+    log: Any = print,
+) -> StoredModel:
+    """Write the int8 ONNX variant of transformer model ``source_tag`` as ``dest_tag`` (see the
+    module docstring). ``dataset``: the source's training data, when it is not a built-in data
+    set. Raises :class:`QualityGateError` when it fails the gate."""
+    from runners import load_runner
+    from runners.onnx import ENCODER_FILE, TOKENIZER_FILE, OnnxEncoder
+    from runners.transformer import head_proba, save_head
+    from training.candidates import Fitted, _sklearn_grid_lr
+    from training.evaluate import selection_metric
+    from training.pipeline import (
+        TrainConfig,
+        TrainingRun,
+        _calibrate,
+        _plain_baseline,
+        _split,
+        save_result,
+        verify_reload,
+    )
+
+    source = open_model(source_tag)
+    if source.family != "transformer":
+        raise DataError(f"{source_tag} is a {source.family} model; only transformer models are")
+    meta = source.metadata
+    dataset = _dataset_of(source, dataset)
+    cleaning = CleaningConfig(**meta["preprocessing"]["cleaning"])
+    max_tokens = int(meta["preprocessing"]["max_tokens"])
+    cfg = TrainConfig(candidates=("minilm",), seed=int(meta["dataset"]["seed"]), cleaning=cleaning)
+    cfg.max_tokens = max_tokens
+    labels = list(meta["labels"])
+    if sorted(labels) != sorted(dataset.classes):
+        raise DataError(f"{source_tag}'s labels {labels} are not the data set's {dataset.classes}")
+    y_all = np.array([labels.index(label) for label in dataset.labels])
+    train_idx, val_idx, test_idx = _split(dataset, cfg)
+    cleaned = clean_texts(dataset.texts, cleaning)
+    t_train, t_val, t_test = ([cleaned[i] for i in idx] for idx in (train_idx, val_idx, test_idx))
+    y_train, y_val, y_test = (y_all[idx] for idx in (train_idx, val_idx, test_idx))
+
+    work = Path(tempfile.mkdtemp(prefix="mlserve-optimize-"))
+    try:
+        started = time.perf_counter()
+        enc_dir = work / "encoder"
+        enc_dir.mkdir()
+        parity = export_encoder(source.path / "encoder", work / "float.onnx", max_tokens)
+        quantize_int8(work / "float.onnx", enc_dir / ENCODER_FILE)
+        shutil.copy2(source.path / "encoder" / TOKENIZER_FILE, enc_dir / TOKENIZER_FILE)
+        log(f"exported and quantised the encoder (float parity {parity:.1e})")
+
+        encoder = OnnxEncoder(enc_dir, threads=cfg.n_jobs, max_tokens=max_tokens)
+        emb_train, emb_val = (encoder.embed(t).astype(np.float64) for t in (t_train, t_val))
+        lr, c = _sklearn_grid_lr(emb_train, y_train, emb_val, y_val, cfg.seed, (1, 4, 16, 64))
+        weight, bias = lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64)
+
+        def raw_proba(texts: list[str]) -> np.ndarray:
+            return head_proba(encoder.embed(texts).astype(np.float64) @ weight.T + bias)
+
+        def write(directory: Path) -> None:
+            shutil.copytree(enc_dir, directory / "encoder")
+            save_head(weight, bias, directory / "head.safetensors")
+
+        fit = Fitted(
+            name="minilm-int8-onnx+linear_head",
+            family="onnx",
+            kind="minilm_int8_linear_head",
+            params={
+                "C": c,
+                "class_weight": "balanced",
+                "encoder": f"all-MiniLM-L6-v2 from {source_tag}, ONNX, dynamic int8 (per channel)",
+            },
+            raw_proba=raw_proba,
+            write=write,
+            extra_meta={"max_tokens": max_tokens},
+        )
+        splits = {
+            name: {labels[k]: int((y == k).sum()) for k in range(len(labels))}
+            for name, y in (("train", y_train), ("validation", y_val), ("test", y_test))
+        }
+        counts = np.bincount(y_train, minlength=len(labels)).astype(float)
+        result = _calibrate(fit, t_val, y_val, t_test, y_test, labels, cfg, counts)
+
+        # The float model's answers on the same test texts, as it serves them.
+        float_runner = load_runner(source_tag, warmup=False)
+        try:
+            float_probs = float_runner.infer(t_test).probabilities
+            float_pred = float_runner.calibrator.decide(float_probs)
+        finally:
+            float_runner.close()
+        int8_pred = result.calibrator.decide(result.test_probs)
+        float_f1 = float(meta["metrics"]["test"]["f1_macro"])
+        gate = {
+            "source": source_tag,
+            "quantization": "onnxruntime quantize_dynamic, int8 weights (per channel)",
+            "export_parity_max_abs": parity,
+            "label_agreement": round(float((float_pred == int8_pred).mean()), 4),
+            "max_probability_difference": round(
+                float(np.abs(float_probs - result.test_probs).max()), 4
+            ),
+            "test_f1_macro": round(result.test["f1_macro"], 4),
+            "float_test_f1_macro": round(float_f1, 4),
+            "max_f1_drop": max_f1_drop,
+            "test_ece": round(result.test["ece"], 4),
+            "float_test_ece": round(float(meta["metrics"]["test"]["ece"]), 4),
+            "ms_per_text_batch1": result.speed["ms_per_text_batch1"],
+            "ms_per_text_batch32": result.speed["ms_per_text_batch32"],
+            "float_ms_per_text_batch1": meta.get("speed", {}).get("ms_per_text_batch1"),
+            "float_ms_per_text_batch32": meta.get("speed", {}).get("ms_per_text_batch32"),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        log(
+            f"quality gate: macro-F1 {gate['test_f1_macro']:.3f} (float {float_f1:.3f}), "
+            f"agreement {gate['label_agreement']:.3f}, "
+            f"largest probability difference {gate['max_probability_difference']:.3f}, "
+            f"ECE {gate['test_ece']:.3f}, {gate['ms_per_text_batch32']} ms/text at batch 32 "
+            f"(float {gate['float_ms_per_text_batch32']})"
+        )
+        if result.test["f1_macro"] < float_f1 - max_f1_drop:
+            raise QualityGateError(
+                f"not saved: the int8 variant's test macro-F1 {result.test['f1_macro']:.3f} is "
+                f"more than {max_f1_drop} below {source_tag}'s {float_f1:.3f}"
+            )
+        gate["passed"] = True
+
+        run = TrainingRun(
+            dataset,
+            cfg,
+            labels,
+            splits,
+            [result],
+            t_test,
+            y_test,
+            selection_metric(splits["train"]),
+            _plain_baseline(t_train, y_train, t_test, y_test, labels),
+        )
+        reason = (
+            f"int8 ONNX variant of {source_tag}; quality gate passed (macro-F1 within "
+            f"{max_f1_drop} of the float model's)"
+        )
+        stored = save_result(
+            run,
+            result,
+            dest_tag,
+            reason,
+            reports_dir,
+            overwrite=overwrite,
+            extra={"quality_gate": gate, "optimized_from": source_tag},
+        )
+        verify_reload(stored, run, result)
+        return stored
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
