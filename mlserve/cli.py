@@ -205,6 +205,10 @@ def _print_server_models(status: dict) -> None:
         f"loaded {', '.join(desired['models'])}; defaults "
         + ", ".join(f"{n}:{v}" for n, v in sorted(desired["defaults"].items()))
     )
+    for name, split in sorted((desired.get("traffic") or {}).items()):
+        console.print(f"traffic {name}: " + ", ".join(f"{v} {w}%" for v, w in split.items()))
+    for name, shadow in sorted((desired.get("shadows") or {}).items()):
+        console.print(f"shadow {name}: {name}:{shadow['version']} (sample {shadow['sample']:g})")
     table = Table(title="workers")
     for col in ("worker", "generation", "loaded", "defaults", "errors"):
         table.add_column(col)
