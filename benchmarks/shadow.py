@@ -2,8 +2,8 @@
 
     python -m benchmarks.shadow --rounds 3 --duration 8
 
-One server (2 workers, cache off) serves ``sentiment:v1`` as the primary, ``sentiment:v3`` (a copy
-of v1 made in a temporary store: a classical shadow as costly as the primary) and
+One server (2 workers, cache off) serves ``sentiment:v1`` as the primary, ``sentiment:v1canary``
+(a copy of v1 made in a temporary store: a classical shadow as costly as the primary) and
 ``sentiment:v2`` (the transformer). Each round runs ``hey`` at 32 clients with no shadow, then
 with each shadow setting, interleaved, so drift in machine speed hits all alike; the figures are
 medians over rounds. The shadow's comparison counts are read back at the end. Writes
@@ -29,28 +29,30 @@ from benchmarks.bench import ROOT, TEXT, free_port, hey, server
 TOKEN = "shadow-bench-token-0123456789"
 SETTINGS = [
     ("no shadow", None, 1.0),
-    ("shadow v3 (classical copy), sample 1.0", "v3", 1.0),
+    ("shadow v1canary (classical copy), sample 1.0", "v1canary", 1.0),
     ("shadow v2 (transformer), sample 1.0", "v2", 1.0),
     ("shadow v2 (transformer), sample 0.1", "v2", 0.1),
 ]
 
 
 def store_with_copy(home: Path, tmp: Path) -> Path:
-    """A BENTOML_HOME whose store links the real one's versions and adds sentiment:v3, a copy
-    of sentiment:v1."""
+    """A BENTOML_HOME whose store links the real one's versions and adds sentiment:v1canary, a
+    copy of sentiment:v1."""
     models = tmp / "home" / "models"
     for name_dir in (home / "models").iterdir():
         (models / name_dir.name).mkdir(parents=True)
         for entry in name_dir.iterdir():
+            if (name_dir.name, entry.name) == ("sentiment", "v1canary"):
+                continue  # replaced by the copy below
             if entry.is_dir():
                 (models / name_dir.name / entry.name).symlink_to(entry, target_is_directory=True)
             else:
                 shutil.copy2(entry, models / name_dir.name / entry.name)
-    target = models / "sentiment" / "v3"
+    target = models / "sentiment" / "v1canary"
     shutil.copytree(home / "models" / "sentiment" / "v1", target)
     info = yaml.safe_load((target / "model.yaml").read_text())
-    info["version"] = "v3"
-    info["metadata"]["tag"] = "sentiment:v3"
+    info["version"] = "v1canary"
+    info["metadata"]["tag"] = "sentiment:v1canary"
     (target / "model.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
     return tmp / "home"
 
@@ -67,7 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mlserve-shadow-") as tmp:
         env = {
             "BENTOML_HOME": str(store_with_copy(home, Path(tmp))),
-            "MLSERVE_MODELS": "sentiment:v1,sentiment:v2,sentiment:v3",
+            "MLSERVE_MODELS": "sentiment:v1,sentiment:v2,sentiment:v1canary",
             "MLSERVE_WORKERS": "2",
             "MLSERVE_CACHE_ENABLED": "false",
             "MLSERVE_ADMIN_TOKEN": TOKEN,

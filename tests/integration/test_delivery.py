@@ -3,7 +3,7 @@ change of weights under 32 clients), a shadow version (every answer from the pri
 comparison grows, unloading the shadow under load), refusals that change nothing, promote
 ending both, the audit log, the CLI workflow, and two replicas sharing one split through Redis.
 
-``sentiment:v3`` is a copy of the classical ``sentiment:v1`` under another version, so the
+``sentiment:v1canary`` is a copy of the classical ``sentiment:v1`` under another version, so the
 canary and the shadow are as fast as the primary and agree with it on every text."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 TOKEN = "delivery-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CLIENTS = 32
-MODELS = ["sentiment:v1", "sentiment:v3", "topic:v1"]
+MODELS = ["sentiment:v1", "sentiment:v1canary", "topic:v1"]
 DEFAULTS = {"sentiment": "v1", "topic": "v1"}
 TEXTS = [
     "This medication worked wonders, no side effects at all",
@@ -45,7 +45,7 @@ TEXTS = [
 def models_dir(model_home: Path, tmp_path_factory) -> Path:
     models = tmp_path_factory.mktemp("delivery-store") / "models"
     linked_store(model_home, models)
-    copy_version(models, model_home / "models" / "sentiment" / "v1", "sentiment", "v3")
+    copy_version(models, model_home / "models" / "sentiment" / "v1", "sentiment", "v1canary")
     return models
 
 
@@ -149,11 +149,11 @@ def pair(report: dict, primary: str, shadow: str) -> dict | None:
 
 
 def wait_for_comparisons(client: httpx.Client, at_least: int, timeout: float = 60) -> dict:
-    """Poll the comparison until the (v1, v3) pair holds ``at_least`` requests (shadow runs
+    """Poll the comparison until the (v1, v1canary) pair holds ``at_least`` requests (shadow runs
     finish after the answers)."""
     deadline = time.monotonic() + timeout
     while True:
-        found = pair(compare(client), "sentiment:v1", "sentiment:v3")
+        found = pair(compare(client), "sentiment:v1", "sentiment:v1canary")
         done = found is not None and found["requests"] + found["shadow_dropped"] >= at_least
         if done or time.monotonic() > deadline:
             return found or {}
@@ -165,9 +165,9 @@ def wait_for_comparisons(client: httpx.Client, at_least: int, timeout: float = 6
 
 def test_an_80_20_split_routes_bare_names_by_weight(server, client) -> None:
     result = applied(
-        admin(client, "traffic", {"name": "sentiment", "weights": {"v1": 80, "v3": 20}})
+        admin(client, "traffic", {"name": "sentiment", "weights": {"v1": 80, "v1canary": 20}})
     )
-    assert result["traffic"] == {"sentiment": {"v1": 80, "v3": 20}}
+    assert result["traffic"] == {"sentiment": {"v1": 80, "v1canary": 20}}
     try:
         # 2,000 requests without a key: half name the bare name, half name nothing (the default
         # model is the bare name "sentiment").
@@ -182,8 +182,8 @@ def test_an_80_20_split_routes_bare_names_by_weight(server, client) -> None:
         with ThreadPoolExecutor(16) as pool:
             counts = sum((f.result() for f in [pool.submit(run, k) for k in range(16)]), Counter())
         assert sum(counts.values()) == 2000
-        assert set(counts) == {"sentiment:v1", "sentiment:v3"}
-        share = counts["sentiment:v3"] / 2000
+        assert set(counts) == {"sentiment:v1", "sentiment:v1canary"}
+        share = counts["sentiment:v1canary"] / 2000
         assert 0.17 <= share <= 0.23, counts
 
         # An exact version is never re-routed.
@@ -191,8 +191,8 @@ def test_an_80_20_split_routes_bare_names_by_weight(server, client) -> None:
             assert predict(client, i, model_version="sentiment:v1")["model_version"] == (
                 "sentiment:v1"
             )
-            assert predict(client, i, model_version="sentiment:v3")["model_version"] == (
-                "sentiment:v3"
+            assert predict(client, i, model_version="sentiment:v1canary")["model_version"] == (
+                "sentiment:v1canary"
             )
         # Other names are not split.
         assert predict(client, model_version="topic")["model_version"] == "topic:v1"
@@ -203,7 +203,7 @@ def test_an_80_20_split_routes_bare_names_by_weight(server, client) -> None:
 
 
 def test_a_routing_key_sticks_to_one_version(client) -> None:
-    applied(admin(client, "traffic", {"name": "sentiment", "weights": {"v1": 50, "v3": 50}}))
+    applied(admin(client, "traffic", {"name": "sentiment", "weights": {"v1": 50, "v1canary": 50}}))
     try:
         by_body = {predict(client, i, routing_key="user-7")["model_version"] for i in range(200)}
         assert len(by_body) == 1
@@ -217,7 +217,7 @@ def test_a_routing_key_sticks_to_one_version(client) -> None:
         assert {batch["model_version"]} == by_body
         # Keys spread over both versions.
         spread = {predict(client, routing_key=f"user-{i}")["model_version"] for i in range(40)}
-        assert spread == {"sentiment:v1", "sentiment:v3"}
+        assert spread == {"sentiment:v1", "sentiment:v1canary"}
         too_long = client.post("/predict", json={"text": "x"}, headers={"X-Routing-Key": "k" * 300})
         assert too_long.status_code == 422
     finally:
@@ -226,11 +226,11 @@ def test_a_routing_key_sticks_to_one_version(client) -> None:
 
 def test_changing_the_weights_under_32_clients_fails_no_request(server, client) -> None:
     changes = [
-        {"v1": 80, "v3": 20},
-        {"v1": 50, "v3": 50},
-        {"v1": 0, "v3": 100},
-        {"v1": 100, "v3": 0},
-        {"v1": 20, "v3": 80},
+        {"v1": 80, "v1canary": 20},
+        {"v1": 50, "v1canary": 50},
+        {"v1": 0, "v1canary": 100},
+        {"v1": 100, "v1canary": 0},
+        {"v1": 20, "v1canary": 80},
         {},
     ]
 
@@ -241,16 +241,18 @@ def test_changing_the_weights_under_32_clients_fails_no_request(server, client) 
     versions, failures = under_load(server, 30, {"model_version": "sentiment"}, change_weights)
     assert failures == []
     assert len(versions) == CLIENTS * 30
-    assert set(versions) <= {"sentiment:v1", "sentiment:v3"}
+    assert set(versions) <= {"sentiment:v1", "sentiment:v1canary"}
 
 
 # --- the shadow --------------------------------------------------------------------------------
 
 
 def test_a_shadow_is_compared_and_never_answers(server, client) -> None:
-    before = pair(compare(client), "sentiment:v1", "sentiment:v3") or {"requests": 0}
-    result = applied(admin(client, "shadow", {"name": "sentiment", "version": "v3", "sample": 1.0}))
-    assert result["shadows"] == {"sentiment": {"version": "v3", "sample": 1.0}}
+    before = pair(compare(client), "sentiment:v1", "sentiment:v1canary") or {"requests": 0}
+    result = applied(
+        admin(client, "shadow", {"name": "sentiment", "version": "v1canary", "sample": 1.0})
+    )
+    assert result["shadows"] == {"sentiment": {"version": "v1canary", "sample": 1.0}}
     try:
         versions, failures = under_load(server, 20, {})
         assert failures == []
@@ -269,12 +271,14 @@ def test_a_shadow_is_compared_and_never_answers(server, client) -> None:
         assert found["latency"]["primary"]["p50_ms"] is not None
         assert found["latency"]["shadow"]["p50_ms"] is not None
         report = compare(client)
-        assert report["shadow"] == {"version": "v3", "sample": 1.0} and report["default"] == "v1"
+        assert (
+            report["shadow"] == {"version": "v1canary", "sample": 1.0} and report["default"] == "v1"
+        )
         # The same figures in /admin/stats and Prometheus.
         stats = client.get("/admin/stats", headers=AUTH).json()
-        assert pair({"pairs": stats["comparisons"]}, "sentiment:v1", "sentiment:v3")
+        assert pair({"pairs": stats["comparisons"]}, "sentiment:v1", "sentiment:v1canary")
         metrics = client.get("/metrics").text
-        labels = 'primary="sentiment:v1",shadow="sentiment:v3"'
+        labels = 'primary="sentiment:v1",shadow="sentiment:v1canary"'
         for name in ("comparisons_total", "agreements_total", "probability_difference_total"):
             assert f"mlserve_shadow_{name}{{{labels}}}" in metrics, name
         assert f'mlserve_shadow_runs_total{{outcome="error",{labels}}}' in metrics
@@ -284,14 +288,14 @@ def test_a_shadow_is_compared_and_never_answers(server, client) -> None:
 
 
 def test_unloading_the_shadow_under_load_fails_no_request(server, client) -> None:
-    applied(admin(client, "shadow", {"name": "sentiment", "version": "v3", "sample": 1.0}))
+    applied(admin(client, "shadow", {"name": "sentiment", "version": "v1canary", "sample": 1.0}))
     outcome: dict = {}
 
     def unload() -> None:
         # Let shadow work pile up first (no timing assertion: this only spreads the unload
         # into the load).
         wait_for_comparisons(client, 50)
-        outcome["unload"] = applied(admin(client, "unload", {"tag": "sentiment:v3"}))
+        outcome["unload"] = applied(admin(client, "unload", {"tag": "sentiment:v1canary"}))
 
     try:
         versions, failures = under_load(server, 25, {}, unload)
@@ -301,23 +305,23 @@ def test_unloading_the_shadow_under_load_fails_no_request(server, client) -> Non
         assert outcome["unload"]["shadows"] == {}
         assert compare(client)["shadow"] is None
     finally:
-        applied(admin(client, "load", {"tag": "sentiment:v3"}))
+        applied(admin(client, "load", {"tag": "sentiment:v1canary"}))
 
 
 def test_promote_ends_the_split_and_the_shadow(client) -> None:
-    applied(admin(client, "traffic", {"name": "sentiment", "weights": {"v1": 90, "v3": 10}}))
-    applied(admin(client, "shadow", {"name": "sentiment", "version": "v3", "sample": 0.5}))
-    promoted = applied(admin(client, "default", {"name": "sentiment", "version": "v3"}))
+    applied(admin(client, "traffic", {"name": "sentiment", "weights": {"v1": 90, "v1canary": 10}}))
+    applied(admin(client, "shadow", {"name": "sentiment", "version": "v1canary", "sample": 0.5}))
+    promoted = applied(admin(client, "default", {"name": "sentiment", "version": "v1canary"}))
     assert promoted["traffic"] == {} and promoted["shadows"] == {}
     for i in range(10):
-        assert predict(client, i)["model_version"] == "sentiment:v3"
+        assert predict(client, i)["model_version"] == "sentiment:v1canary"
     applied(admin(client, "default", {"name": "sentiment", "version": "v1"}))
 
 
 def test_a_weighted_version_cannot_be_unloaded(client) -> None:
-    applied(admin(client, "traffic", {"name": "sentiment", "weights": {"v1": 90, "v3": 10}}))
+    applied(admin(client, "traffic", {"name": "sentiment", "weights": {"v1": 90, "v1canary": 10}}))
     try:
-        refused = admin(client, "unload", {"tag": "sentiment:v3"})
+        refused = admin(client, "unload", {"tag": "sentiment:v1canary"})
         assert refused.status_code == 409, refused.text
         assert refused.json()["error"] == "model_state_conflict"
         assert "10%" in refused.json()["message"]
@@ -328,19 +332,19 @@ def test_a_weighted_version_cannot_be_unloaded(client) -> None:
 # --- refusals ----------------------------------------------------------------------------------
 
 BAD = [
-    ("traffic", {"name": "sentiment", "weights": {"v1": 80, "v3": 30}}, "sum to 100"),
+    ("traffic", {"name": "sentiment", "weights": {"v1": 80, "v1canary": 30}}, "sum to 100"),
     ("traffic", {"name": "sentiment", "weights": {"v1": 50}}, "sum to 100"),
-    ("traffic", {"name": "sentiment", "weights": {"v1": 110, "v3": -10}}, None),
+    ("traffic", {"name": "sentiment", "weights": {"v1": 110, "v1canary": -10}}, None),
     ("traffic", {"name": "sentiment", "weights": {"v1": 90, "v2": 10}}, "not loaded"),
     ("traffic", {"name": "sentiment", "weights": {"v1": 90, "v9": 10}}, "not loaded"),
     ("traffic", {"name": "sentiment", "weights": {"v1": 90, "../x": 10}}, "not loaded"),
-    ("traffic", {"name": "sentiment", "weights": {"v1": 90.5, "v3": 9.5}}, None),
+    ("traffic", {"name": "sentiment", "weights": {"v1": 90.5, "v1canary": 9.5}}, None),
     ("traffic", {"name": "nope", "weights": {"v1": 100}}, "no version"),
     ("traffic", {"name": "sentiment"}, None),
     ("shadow", {"name": "sentiment", "version": "v1"}, "primary"),
     ("shadow", {"name": "sentiment", "version": "v2"}, "not loaded"),
-    ("shadow", {"name": "sentiment", "version": "v3", "sample": 0}, None),
-    ("shadow", {"name": "sentiment", "version": "v3", "sample": 1.5}, None),
+    ("shadow", {"name": "sentiment", "version": "v1canary", "sample": 0}, None),
+    ("shadow", {"name": "sentiment", "version": "v1canary", "sample": 1.5}, None),
     ("shadow", {"name": "nope", "version": "v1"}, "no version"),
 ]
 
@@ -363,9 +367,9 @@ def test_bad_input_is_422_and_changes_nothing(client, audit_path: Path) -> None:
 
 
 def test_changes_are_audited(client, audit_path: Path) -> None:
-    applied(admin(client, "traffic", {"name": "sentiment", "weights": {"v1": 70, "v3": 30}}))
+    applied(admin(client, "traffic", {"name": "sentiment", "weights": {"v1": 70, "v1canary": 30}}))
     applied(admin(client, "traffic", {"name": "sentiment", "weights": {}}))
-    applied(admin(client, "shadow", {"name": "sentiment", "version": "v3", "sample": 0.25}))
+    applied(admin(client, "shadow", {"name": "sentiment", "version": "v1canary", "sample": 0.25}))
     applied(admin(client, "shadow", {"name": "sentiment", "version": None}))
     entries = [json.loads(line) for line in audit_path.read_text().splitlines()]
     ours = [e for e in entries if e.get("action") in ("traffic", "shadow")][-4:]
@@ -375,8 +379,8 @@ def test_changes_are_audited(client, audit_path: Path) -> None:
         ("shadow", "ok", 200),
         ("shadow", "ok", 200),
     ]
-    assert ours[0]["target"] == {"name": "sentiment", "weights": {"v1": 70, "v3": 30}}
-    assert ours[2]["target"] == {"name": "sentiment", "version": "v3", "sample": 0.25}
+    assert ours[0]["target"] == {"name": "sentiment", "weights": {"v1": 70, "v1canary": 30}}
+    assert ours[2]["target"] == {"name": "sentiment", "version": "v1canary", "sample": 0.25}
     assert ours[3]["target"] == {"name": "sentiment", "version": None}
     refused = [e for e in entries if e.get("action") == "traffic" and e["result"] == "error"]
     assert refused and refused[-1]["status"] == 422  # the refusals of the test above
@@ -400,22 +404,22 @@ def test_the_cli_runs_a_canary_and_a_shadow_and_promotes(server, client, model_e
         assert run.returncode == 0, run.stdout + run.stderr
         return run.stdout
 
-    out = cli("canary", "sentiment:v3", "--weight", "10")
-    assert "traffic sentiment: v1 90%, v3 10%" in out and "applied on all 2 workers" in out
-    out = cli("shadow", "sentiment:v3", "--sample", "1")
-    assert "shadow sentiment: sentiment:v3 (sample 1)" in out
+    out = cli("canary", "sentiment:v1canary", "--weight", "10")
+    assert "traffic sentiment: v1 90%, v1canary 10%" in out and "applied on all 2 workers" in out
+    out = cli("shadow", "sentiment:v1canary", "--sample", "1")
+    assert "shadow sentiment: sentiment:v1canary (sample 1)" in out
     for i in range(40):
         predict(client, i, model_version="sentiment:v1")
     wait_for_comparisons(client, 40)
     out = cli("compare", "sentiment")
-    assert "traffic v1 90%, v3 10%" in out and "sentiment:v3" in out
+    assert "traffic v1 90%, v1canary 10%" in out and "sentiment:v1canary" in out
     assert "100.00%" in out  # agreement of the copy
     assert "shadow comparison" in cli("stats")
-    out = cli("canary", "sentiment:v3", "--weight", "0")  # roll back
+    out = cli("canary", "sentiment:v1canary", "--weight", "0")  # roll back
     assert "traffic sentiment" not in out
     cli("shadow", "sentiment", "--off")
-    cli("canary", "sentiment:v3", "--weight", "50")
-    out = cli("promote", "sentiment:v3")
+    cli("canary", "sentiment:v1canary", "--weight", "50")
+    out = cli("promote", "sentiment:v1canary")
     assert "traffic" not in out and "shadow" not in out
     cli("promote", "sentiment:v1")
 
@@ -440,7 +444,7 @@ def test_two_replicas_sharing_redis_apply_the_same_split(start_server, models_di
         with a.client() as ca, b.client() as cb:
             result = ca.post(
                 "/admin/models/traffic",
-                json={"name": "sentiment", "weights": {"v1": 50, "v3": 50}},
+                json={"name": "sentiment", "weights": {"v1": 50, "v1canary": 50}},
                 headers=AUTH,
             )
             assert result.status_code == 200 and result.json()["complete"], result.text
@@ -449,7 +453,7 @@ def test_two_replicas_sharing_redis_apply_the_same_split(start_server, models_di
             on_a = [predict(ca, i, routing_key=k)["model_version"] for i, k in enumerate(keys)]
             on_b = [predict(cb, i, routing_key=k)["model_version"] for i, k in enumerate(keys)]
             assert on_a == on_b
-            assert set(on_a) == {"sentiment:v1", "sentiment:v3"}
+            assert set(on_a) == {"sentiment:v1", "sentiment:v1canary"}
             # A change through the other replica reaches the first.
             cleared = cb.post(
                 "/admin/models/traffic", json={"name": "sentiment", "weights": {}}, headers=AUTH
