@@ -32,7 +32,15 @@ from mlserve.errors import (
     OverloadedError,
     ValidationError,
 )
-from tests.unit.test_client import CHANGE, TOKEN, URL, Recorder, json_answer
+from tests.unit.test_client import (  # noqa: F401 - cli_server is a fixture
+    CHANGE,
+    TOKEN,
+    URL,
+    Recorder,
+    cli,
+    cli_server,
+    json_answer,
+)
 from tests.unit.test_control import closed, started, store, workers  # noqa: F401
 from tests.unit.test_registry import loaded
 
@@ -476,3 +484,64 @@ def test_core_offers_only_when_a_shadow_is_set() -> None:
     registry.set_delivery({}, {"sentiment": {"version": "v2", "sample": 1.0}})
     assert runner.shadow_of("sentiment:v1") == "sentiment:v2"
     assert runner.shadow_of("sentiment:v2") is None
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+COMPARED = {
+    "name": "sentiment",
+    "default": "v1",
+    "traffic": {"v1": 90, "v2": 10},
+    "shadow": {"version": "v2", "sample": 0.5},
+    "pairs": [
+        {
+            "primary": "sentiment:v1",
+            "shadow": "sentiment:v2",
+            "comparisons": 40,
+            "requests": 20,
+            "agreement_rate": 0.925,
+            "mean_abs_probability_difference": 0.0412,
+            "labels": {"primary": {"positive": 30, "negative": 10}, "shadow": {"positive": 40}},
+            "latency": {
+                "primary": {"p50_ms": 2.0, "p95_ms": 4.0, "p99_ms": 5.0, "mean_ms": 2.5},
+                "shadow": {"p50_ms": 30.0, "p95_ms": 60.0, "p99_ms": 70.0, "mean_ms": 33.0},
+            },
+            "shadow_errors": 1,
+            "shadow_dropped": 3,
+        }
+    ],
+}
+
+
+def test_cli_canary_shadow_and_compare(cli_server, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.setenv("COLUMNS", "250")
+    split = {**CHANGE, "traffic": {"sentiment": {"v1": 90, "v2": 10}}}
+    rec = cli_server(json_answer(200, STATUS), json_answer(200, split))
+    result = cli("canary", "sentiment:v2", "--weight", "10", "--server", URL)
+    assert result.exit_code == 0, result.output
+    assert "traffic sentiment: v1 90%, v2 10%" in result.output
+    assert json.loads(rec.requests[1].content) == {
+        "name": "sentiment",
+        "weights": {"v2": 10, "v1": 90},
+    }
+
+    shadowed = {**CHANGE, "shadows": {"sentiment": {"version": "v2", "sample": 0.5}}}
+    rec = cli_server(json_answer(200, shadowed))
+    result = cli("shadow", "sentiment:v2", "--sample", "0.5", "--server", URL)
+    assert result.exit_code == 0 and "shadow sentiment: sentiment:v2 (sample 0.5)" in result.output
+    rec = cli_server(json_answer(200, CHANGE))
+    assert cli("shadow", "sentiment", "--off", "--server", URL).exit_code == 0
+    assert json.loads(rec.requests[0].content)["version"] is None
+    refused = cli("shadow", "sentiment", "--server", URL)
+    assert refused.exit_code == 1 and "--off" in refused.output
+
+    cli_server(json_answer(200, COMPARED))
+    result = cli("compare", "sentiment", "--server", URL)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "default v1; traffic v1 90%, v2 10%; shadow sentiment:v2 (sample 0.5)" in out
+    for cell in ("92.50%", "0.0412", "30.0", "negative 10, positive 30", "positive 40"):
+        assert cell in out, cell
+    cli_server(json_answer(200, COMPARED))
+    raw = cli("compare", "sentiment", "--json", "--server", URL)
+    assert json.loads(raw.output)["pairs"][0]["shadow_dropped"] == 3
