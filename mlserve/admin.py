@@ -273,6 +273,85 @@ def _latency(buckets: list[tuple[float, float]]) -> dict[str, float | None]:
     return out
 
 
+def comparisons(samples: list[Any], name: str | None = None) -> list[dict[str, Any]]:
+    """The comparison of every (primary, shadow) pair (of model ``name``, or all), from the
+    ``mlserve_shadow_*`` metrics merged over this server's workers: agreement rate, mean
+    absolute probability difference, each version's label distribution and latency, shadow
+    errors and drops, and the number of compared texts and requests."""
+    pairs: dict[tuple[str, str], dict[str, Any]] = {}
+    buckets: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    sums: dict[tuple[str, str, str], float] = {}
+
+    def pair_of(labels: dict[str, str]) -> dict[str, Any] | None:
+        primary, shadow = labels["primary"], labels["shadow"]
+        if name is not None and primary.split(":", 1)[0] != name:
+            return None
+        return pairs.setdefault(
+            (primary, shadow),
+            {
+                "primary": primary,
+                "shadow": shadow,
+                "comparisons": 0,
+                "requests": {"compared": 0, "dropped": 0, "error": 0},
+                "agreements": 0,
+                "probability_difference_sum": 0.0,
+                "labels": {"primary": {}, "shadow": {}},
+            },
+        )
+
+    for s in samples:
+        if not s.name.startswith("mlserve_shadow_"):
+            continue
+        pair = pair_of(s.labels)
+        if pair is None:
+            continue
+        key = (s.labels["primary"], s.labels["shadow"], s.labels.get("role", ""))
+        if s.name == "mlserve_shadow_runs_total":
+            pair["requests"][s.labels["outcome"]] += int(s.value)
+        elif s.name == "mlserve_shadow_comparisons_total":
+            pair["comparisons"] += int(s.value)
+        elif s.name == "mlserve_shadow_agreements_total":
+            pair["agreements"] += int(s.value)
+        elif s.name == "mlserve_shadow_probability_difference_total":
+            pair["probability_difference_sum"] += s.value
+        elif s.name == "mlserve_shadow_labels_total":
+            role = pair["labels"][s.labels["role"]]
+            role[s.labels["label"]] = role.get(s.labels["label"], 0) + int(s.value)
+        elif s.name == "mlserve_shadow_latency_seconds_bucket":
+            buckets.setdefault(key, []).append((float(s.labels["le"]), s.value))
+        elif s.name == "mlserve_shadow_latency_seconds_sum":
+            sums[key] = sums.get(key, 0.0) + s.value
+    out = []
+    for (primary, shadow), pair in sorted(pairs.items()):
+        n = pair["comparisons"]
+        latency = {}
+        for role in ("primary", "shadow"):
+            found = buckets.get((primary, shadow, role), [])
+            count = max((c for _, c in found), default=0)
+            total = sums.get((primary, shadow, role), 0.0)
+            latency[role] = {
+                **_latency(found),
+                "mean_ms": round(total / count * 1000, 3) if count else None,
+            }
+        out.append(
+            {
+                "primary": primary,
+                "shadow": shadow,
+                "comparisons": n,
+                "requests": pair["requests"]["compared"],
+                "agreement_rate": round(pair["agreements"] / n, 4) if n else None,
+                "mean_abs_probability_difference": (
+                    round(pair["probability_difference_sum"] / n, 6) if n else None
+                ),
+                "labels": pair["labels"],
+                "latency": latency,
+                "shadow_errors": pair["requests"]["error"],
+                "shadow_dropped": pair["requests"]["dropped"],
+            }
+        )
+    return out
+
+
 def collect_stats() -> dict[str, Any]:
     """Requests, errors, latency percentiles, cache and predictions, from the metrics."""
     routes: dict[str, dict[str, Any]] = {}
@@ -281,7 +360,8 @@ def collect_stats() -> dict[str, Any]:
     model_buckets: dict[tuple[str, str], list[tuple[float, float]]] = {}
     errors: dict[str, float] = {}
     cache = {"hit": 0.0, "miss": 0.0, "error": 0.0}
-    for s in _samples():
+    samples = _samples()
+    for s in samples:
         labels = s.labels
         if s.name == "mlserve_requests_total":
             r = routes.setdefault(labels["route"], {"requests": 0, "errors": 0})
@@ -324,4 +404,5 @@ def collect_stats() -> dict[str, Any]:
             **{k: int(v) for k, v in cache.items()},
             "hit_rate": round(cache["hit"] / lookups, 4) if lookups else 0.0,
         },
+        "comparisons": comparisons(samples),
     }

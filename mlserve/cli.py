@@ -264,6 +264,10 @@ def _print_server_models(status: dict) -> None:
         f"loaded {', '.join(desired['models'])}; defaults "
         + ", ".join(f"{n}:{v}" for n, v in sorted(desired["defaults"].items()))
     )
+    for name, split in sorted((desired.get("traffic") or {}).items()):
+        console.print(f"traffic {name}: " + ", ".join(f"{v} {w}%" for v, w in split.items()))
+    for name, shadow in sorted((desired.get("shadows") or {}).items()):
+        console.print(f"shadow {name}: {name}:{shadow['version']} (sample {shadow['sample']:g})")
     table = Table(title="workers")
     for col in ("worker", "generation", "loaded", "defaults", "errors"):
         table.add_column(col)
@@ -300,6 +304,10 @@ def _report_change(result: AdminChangeResult) -> None:
     console.print(
         f"generation {result.generation}: loaded {', '.join(result.models)}; defaults {defaults}"
     )
+    for name, split in sorted(result.traffic.items()):
+        console.print(f"traffic {name}: " + ", ".join(f"{v} {w}%" for v, w in split.items()))
+    for name, shadow in sorted(result.shadows.items()):
+        console.print(f"shadow {name}: {name}:{shadow.version} (sample {shadow.sample:g})")
     if result.complete:
         console.print(f"[green]applied on all {len(result.workers)} workers[/]")
         return
@@ -352,9 +360,103 @@ def promote_cmd(
     tag: Annotated[str, typer.Argument(help="name:version, already loaded on the server.")],
     server: Annotated[str, SERVER_OPTION] = "http://127.0.0.1:3000",
 ) -> None:
-    """Make a loaded version its name's default on a running server (every worker)."""
+    """Make a loaded version its name's default on a running server (every worker); this ends
+    the name's traffic split (canary) and shadow."""
     name, _, version = tag.partition(":")
     _report_change(_admin_call(server, lambda client: client.set_default(name, version)))
+
+
+@app.command("canary")
+def canary_cmd(
+    tag: Annotated[str, typer.Argument(help="name:version, already loaded on the server.")],
+    weight: Annotated[
+        int,
+        typer.Option(min=0, max=100, help="Percent of the name's requests it gets (0: roll back)."),
+    ] = 10,
+    server: Annotated[str, SERVER_OPTION] = "http://127.0.0.1:3000",
+) -> None:
+    """Send WEIGHT percent of a name's requests to a version, the rest to the default; sticky
+    per routing key (`routing_key` field or X-Routing-Key header). --weight 0 rolls back."""
+    _report_change(_admin_call(server, lambda client: client.canary(tag, weight)))
+
+
+@app.command("shadow")
+def shadow_cmd(
+    tag: Annotated[str, typer.Argument(help="name:version to shadow with (or name, with --off).")],
+    sample: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of the primary's requests it runs.")
+    ] = 1.0,
+    off: Annotated[bool, typer.Option("--off", help="Stop shadowing the name.")] = False,
+    server: Annotated[str, SERVER_OPTION] = "http://127.0.0.1:3000",
+) -> None:
+    """Run a share of a name's requests on another loaded version too, beside the answer (the
+    client never waits for it); see `mlserve compare`."""
+    name, _, version = tag.partition(":")
+    if not off and not version:
+        raise _fail("give name:version (or --off to stop shadowing)")
+    chosen = None if off else version
+    _report_change(_admin_call(server, lambda client: client.shadow(name, chosen, sample)))
+
+
+@app.command("compare")
+def compare_cmd(
+    name: Annotated[str, typer.Argument(help="The model name.")],
+    server: Annotated[str, SERVER_OPTION] = "http://127.0.0.1:3000",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+) -> None:
+    """How the name's shadow version compares with the versions that answered."""
+    result = _admin_call(server, lambda client: client.compare(name))
+    if as_json:
+        print(result.model_dump_json(indent=2))
+        return
+    split = ", ".join(f"{v} {w}%" for v, w in result.traffic.items()) or "none"
+    shadow = (
+        f"{name}:{result.shadow.version} (sample {result.shadow.sample:g})"
+        if result.shadow
+        else "none"
+    )
+    console.print(f"[bold]{name}[/]: default {result.default}; traffic {split}; shadow {shadow}")
+    _print_comparisons([p.model_dump() for p in result.pairs])
+
+
+def _print_comparisons(pairs: list[dict]) -> None:
+    table = Table(title="shadow comparison")
+    for col in (
+        "primary",
+        "shadow",
+        "texts",
+        "agreement",
+        "mean |dp|",
+        "primary p50 ms",
+        "shadow p50 ms",
+        "errors",
+        "dropped",
+        "primary labels",
+        "shadow labels",
+    ):
+        table.add_column(col)
+    for p in pairs:
+
+        def share(x: float | None, fmt: str) -> str:
+            return "n/a" if x is None else format(x, fmt)
+
+        def labels(counts: dict[str, int]) -> str:
+            return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+        table.add_row(
+            p["primary"],
+            p["shadow"],
+            str(p["comparisons"]),
+            share(p["agreement_rate"], ".2%"),
+            share(p["mean_abs_probability_difference"], ".4f"),
+            str(p["latency"]["primary"]["p50_ms"]),
+            str(p["latency"]["shadow"]["p50_ms"]),
+            str(p["shadow_errors"]),
+            str(p["shadow_dropped"]),
+            labels(p["labels"]["primary"]),
+            labels(p["labels"]["shadow"]),
+        )
+    console.print(table)
 
 
 @app.command("unload")
@@ -611,6 +713,8 @@ def stats_cmd(
             str(drift.get("drifted", "n/a")),
         )
     console.print(models)
+    if stats.get("comparisons"):
+        _print_comparisons(stats["comparisons"])
     if "desired" in stats.get("control", {}):
         _print_server_models(stats["control"])
 

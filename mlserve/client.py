@@ -36,6 +36,7 @@ from mlserve.schemas import (
     AdminChangeResult,
     BatchPredictRequest,
     BatchPredictResponse,
+    CompareResponse,
     ConfigResponse,
     ControlStatus,
     DriftReport,
@@ -49,7 +50,9 @@ from mlserve.schemas import (
     PredictResponse,
     ReadyResponse,
     SetDefaultRequest,
+    ShadowRequest,
     StatsResponse,
+    TrafficRequest,
     UnloadModelRequest,
     VersionResponse,
 )
@@ -376,7 +379,8 @@ class _Calls:
             headers["X-API-Key"] = self._api_key
         kwargs: dict[str, Any] = {}
         if body is not None:
-            kwargs["json"] = body.model_dump(mode="json")
+            # Fields left at their default and not given are not sent (e.g. routing_key).
+            kwargs["json"] = body.model_dump(mode="json", exclude_unset=True)
         if files is not None:
             kwargs.update(files=files, data=data)
         return self._http.build_request(method, self.base_url + path, headers=headers, **kwargs)
@@ -385,14 +389,18 @@ class _Calls:
         return _Call(self.build(method, path, **kw), parse)
 
     # --- predictions
-    def predict(self, text: str, model_version: str | None) -> _Call[PredictResponse]:
-        body = PredictRequest(text=text, model_version=model_version)
+    def predict(
+        self, text: str, model_version: str | None, routing_key: str | None = None
+    ) -> _Call[PredictResponse]:
+        key = {"routing_key": routing_key} if routing_key is not None else {}
+        body = PredictRequest(text=text, model_version=model_version, **key)
         return self.call("POST", "/predict", _model(PredictResponse), body=body)
 
     def batch_predict(
-        self, texts: list[str], model_version: str | None
+        self, texts: list[str], model_version: str | None, routing_key: str | None = None
     ) -> _Call[BatchPredictResponse]:
-        body = BatchPredictRequest(texts=list(texts), model_version=model_version)
+        key = {"routing_key": routing_key} if routing_key is not None else {}
+        body = BatchPredictRequest(texts=list(texts), model_version=model_version, **key)
         return self.call("POST", "/batch-predict", _model(BatchPredictResponse), body=body)
 
     def predict_file(
@@ -461,6 +469,33 @@ class _Calls:
 
     def unload(self, tag: str) -> _Call[AdminChangeResult]:
         return self._change("unload", UnloadModelRequest(tag=tag))
+
+    def traffic(self, name: str, weights: dict[str, int]) -> _Call[AdminChangeResult]:
+        return self._change("traffic", TrafficRequest(name=name, weights=dict(weights)))
+
+    def shadow(
+        self, name: str, version: str | None, sample: float = 1.0
+    ) -> _Call[AdminChangeResult]:
+        return self._change("shadow", ShadowRequest(name=name, version=version, sample=sample))
+
+    def compare(self, name: str) -> _Call[CompareResponse]:
+        path = f"/admin/models/{_segment(name)}/compare"
+        return self.call("GET", path, _model(CompareResponse), admin=True)
+
+    def canary(self, tag: str, weight: int) -> Flow[AdminChangeResult]:
+        """Give ``tag`` ``weight`` percent of its name's bare-name requests and the name's
+        default version the rest (0 clears the split: a roll back)."""
+        name, version = split_tag(tag)
+        if not 0 <= weight <= 100:
+            raise ValueError(f"weight must be 0 to 100, got {weight}")
+        if weight == 0:
+            return (yield self.traffic(name, {}))
+        status = yield self.admin_models()
+        default = ((status.desired or {}).get("defaults") or {}).get(name)
+        weights = {version: weight}
+        if default is not None and default != version and weight < 100:
+            weights[default] = 100 - weight
+        return (yield self.traffic(name, weights))
 
     def promote(self, tag: str) -> Flow[AdminChangeResult]:
         """Make ``tag`` its name's default; when it is not loaded, load it as the default."""
@@ -570,13 +605,15 @@ class Client(_ClientBase):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def predict(self, text: str, model_version: str | None = None) -> PredictResponse:
-        return self._one(self._calls.predict(text, model_version))
+    def predict(
+        self, text: str, model_version: str | None = None, routing_key: str | None = None
+    ) -> PredictResponse:
+        return self._one(self._calls.predict(text, model_version, routing_key))
 
     def batch_predict(
-        self, texts: list[str], model_version: str | None = None
+        self, texts: list[str], model_version: str | None = None, routing_key: str | None = None
     ) -> BatchPredictResponse:
-        return self._one(self._calls.batch_predict(texts, model_version))
+        return self._one(self._calls.batch_predict(texts, model_version, routing_key))
 
     def predict_file(
         self, source: FileInput, filename: str | None = None, model_version: str | None = None
@@ -623,7 +660,23 @@ class Client(_ClientBase):
         return self._one(self._calls.set_default(name, version))
 
     def promote(self, tag: str) -> AdminChangeResult:
+        """Make ``tag`` the default (loading it if needed); ends the name's split and shadow."""
         return self._run(self._calls.promote(tag))
+
+    def traffic(self, name: str, weights: dict[str, int]) -> AdminChangeResult:
+        """Split ``name``'s bare-name requests by ``weights`` (percent by version); {} clears."""
+        return self._one(self._calls.traffic(name, weights))
+
+    def canary(self, tag: str, weight: int) -> AdminChangeResult:
+        """``tag`` gets ``weight`` percent, the name's default the rest; 0 clears the split."""
+        return self._run(self._calls.canary(tag, weight))
+
+    def shadow(self, name: str, version: str | None, sample: float = 1.0) -> AdminChangeResult:
+        """Run ``sample`` of ``name``'s primary requests on ``version`` too; None clears."""
+        return self._one(self._calls.shadow(name, version, sample))
+
+    def compare(self, name: str) -> CompareResponse:
+        return self._one(self._calls.compare(name))
 
     def unload(self, tag: str) -> AdminChangeResult:
         return self._one(self._calls.unload(tag))
@@ -680,13 +733,15 @@ class AsyncClient(_ClientBase):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def predict(self, text: str, model_version: str | None = None) -> PredictResponse:
-        return await self._one(self._calls.predict(text, model_version))
+    async def predict(
+        self, text: str, model_version: str | None = None, routing_key: str | None = None
+    ) -> PredictResponse:
+        return await self._one(self._calls.predict(text, model_version, routing_key))
 
     async def batch_predict(
-        self, texts: list[str], model_version: str | None = None
+        self, texts: list[str], model_version: str | None = None, routing_key: str | None = None
     ) -> BatchPredictResponse:
-        return await self._one(self._calls.batch_predict(texts, model_version))
+        return await self._one(self._calls.batch_predict(texts, model_version, routing_key))
 
     async def predict_file(
         self, source: FileInput, filename: str | None = None, model_version: str | None = None
@@ -734,6 +789,20 @@ class AsyncClient(_ClientBase):
 
     async def promote(self, tag: str) -> AdminChangeResult:
         return await self._run(self._calls.promote(tag))
+
+    async def traffic(self, name: str, weights: dict[str, int]) -> AdminChangeResult:
+        return await self._one(self._calls.traffic(name, weights))
+
+    async def canary(self, tag: str, weight: int) -> AdminChangeResult:
+        return await self._run(self._calls.canary(tag, weight))
+
+    async def shadow(
+        self, name: str, version: str | None, sample: float = 1.0
+    ) -> AdminChangeResult:
+        return await self._one(self._calls.shadow(name, version, sample))
+
+    async def compare(self, name: str) -> CompareResponse:
+        return await self._one(self._calls.compare(name))
 
     async def unload(self, tag: str) -> AdminChangeResult:
         return await self._one(self._calls.unload(tag))

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mlserve.delivery import validate_shadow, validate_weights
 from mlserve.errors import (
     MLServeError,
     ModelNotFoundError,
@@ -44,7 +45,10 @@ if TYPE_CHECKING:
     from mlserve.registry import LoadedModel, ModelLoader, ModelRegistry
 
 log = logging.getLogger("mlserve.control")
-State = dict[str, Any]  # {"generation": int, "models": [tag], "defaults": {name: version}}
+# {"generation": int, "models": [tag], "defaults": {name: version},
+#  "traffic": {name: {version: weight}}, "shadows": {name: {"version", "sample"}}}
+# (a record written before traffic and shadows existed lacks them: read as empty)
+State = dict[str, Any]
 
 
 class ModelHost(Protocol):
@@ -252,6 +256,39 @@ def _alive(pid: Any) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
+def _nonempty(mapping: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in mapping.items() if v}
+
+
+def _next(
+    cur: State, models: list[str], defaults: dict[str, str], promoted: str | None = None
+) -> State:
+    """The next state with ``models`` and ``defaults``, carrying the traffic splits and shadows
+    over: entries on versions no longer loaded go (a weight there is always 0, see ``unload``),
+    and so does everything of a name whose default changed or that ``promoted`` names (a
+    promotion ends the canary and the shadow)."""
+    loaded = set(models)
+    ended = {n for n, v in defaults.items() if cur["defaults"].get(n) != v}
+    if promoted is not None:
+        ended.add(promoted)
+    traffic = {
+        name: {v: w for v, w in split.items() if f"{name}:{v}" in loaded}
+        for name, split in cur.get("traffic", {}).items()
+        if name not in ended
+    }
+    shadows = {
+        name: s
+        for name, s in cur.get("shadows", {}).items()
+        if name not in ended and f"{name}:{s['version']}" in loaded
+    }
+    return {
+        "models": models,
+        "defaults": defaults,
+        "traffic": _nonempty(traffic),
+        "shadows": shadows,
+    }
+
+
 class Controller:
     """One worker's side of the control path: reconcile loop, heartbeat and admin changes."""
 
@@ -352,6 +389,8 @@ class Controller:
         for name, version in state["defaults"].items():
             if f"{name}:{version}" in loaded:
                 registry.set_default(name, version)
+        # Before any unload: a version is never routed to or shadowed once it is leaving.
+        registry.set_delivery(state.get("traffic", {}), state.get("shadows", {}))
         for tag in sorted(loaded - set(state["models"])):
             try:
                 await self.core.retire(tag)
@@ -376,6 +415,8 @@ class Controller:
             "generation": self.applied,
             "loaded": self.core.registry.tags(),
             "defaults": self.core.registry.defaults(),
+            "traffic": self.core.registry.traffic(),
+            "shadows": self.core.registry.shadows(),
             "errors": self.errors,
             "connections": self.core.balancer.active(),
         }
@@ -487,6 +528,8 @@ class Controller:
             "generation": max(self.applied, 0),
             "models": self.core.registry.tags(),
             "defaults": self.core.registry.defaults(),
+            "traffic": self.core.registry.traffic(),
+            "shadows": self.core.registry.shadows(),
         }
 
     async def _publish(self, change: Callable[[State], State]) -> State:
@@ -524,7 +567,7 @@ class Controller:
                 models.append(tag)
             if make_default or name not in defaults:
                 defaults[name] = version
-            return {"models": sorted(models), "defaults": defaults}
+            return _next(cur, sorted(models), defaults)
 
         async with self._lock:
             current = await self._desired()
@@ -552,7 +595,7 @@ class Controller:
         def change(cur: State) -> State:
             if tag not in cur["models"]:
                 raise ModelNotFoundError(f"{tag} is not loaded; load it first")
-            return {"models": cur["models"], "defaults": {**cur["defaults"], name: version}}
+            return _next(cur, cur["models"], {**cur["defaults"], name: version}, promoted=name)
 
         async with self._lock:
             change(await self._desired())
@@ -577,14 +620,60 @@ class Controller:
                     f"{tag} is the default version of {name!r}; make another version the "
                     "default first"
                 )
+            weight = cur.get("traffic", {}).get(name, {}).get(version, 0)
+            if weight > 0:
+                raise ModelStateError(
+                    f"{tag} has {weight}% of {name!r}'s traffic; set its weight to 0 (or clear "
+                    "the split) first",
+                    weight=weight,
+                )
             models.remove(tag)
-            return {"models": models, "defaults": cur["defaults"]}
+            return _next(cur, models, cur["defaults"])
 
         async with self._lock:
             change(await self._desired())
             state = await self._publish(change)
             await self._apply(state)
         return await self._result("unload", state)
+
+    async def set_traffic(self, name: str, weights: dict[str, int]) -> dict[str, Any]:
+        """Split the requests for ``name`` over its loaded versions by ``weights`` (percent,
+        summing to 100), everywhere; ``{}`` clears the split. A bad split is refused (422)
+        before anything changes."""
+        self._require_started()
+
+        def change(cur: State) -> State:
+            split = validate_weights(name, weights, cur["models"])
+            traffic = {**cur.get("traffic", {}), name: split}
+            return {**_next(cur, cur["models"], cur["defaults"]), "traffic": _nonempty(traffic)}
+
+        async with self._lock:
+            change(await self._desired())
+            state = await self._publish(change)
+            await self._apply(state)
+        return await self._result("traffic", state)
+
+    async def set_shadow(self, name: str, version: str | None, sample: float) -> dict[str, Any]:
+        """Make ``name:version`` the shadow of ``name`` (``sample`` of the requests its primary
+        serves also run on it), everywhere; ``version`` None clears it."""
+        self._require_started()
+
+        def change(cur: State) -> State:
+            shadows = dict(cur.get("shadows", {}))
+            if version is None:
+                validate_weights(name, {}, cur["models"])  # the name must be loaded
+                shadows.pop(name, None)
+            else:
+                shadows[name] = validate_shadow(
+                    name, version, sample, cur["models"], cur["defaults"]
+                )
+            return {**_next(cur, cur["models"], cur["defaults"]), "shadows": shadows}
+
+        async with self._lock:
+            change(await self._desired())
+            state = await self._publish(change)
+            await self._apply(state)
+        return await self._result("shadow", state)
 
     async def _result(self, action: str, state: State) -> dict[str, Any]:
         """Wait (up to MLSERVE_CONTROL_TIMEOUT_SECONDS) for every live worker to apply
@@ -603,6 +692,8 @@ class Controller:
             "generation": state["generation"],
             "models": state["models"],
             "defaults": state["defaults"],
+            "traffic": state.get("traffic", {}),
+            "shadows": state.get("shadows", {}),
             "workers": {
                 w: {k: r[k] for k in ("generation", "loaded", "defaults")}
                 for w, r in sorted(workers.items())

@@ -20,6 +20,7 @@ from mlserve.balance import ConnectionBalancer
 from mlserve.batching import AdaptiveBatcher, BatchSlice
 from mlserve.cache import PredictionCache, make_backend
 from mlserve.control import Controller, make_store
+from mlserve.delivery import Answers, ShadowRunner
 from mlserve.drift import DriftMonitor
 from mlserve.errors import MLServeError, ModelLoadError, ValidationError
 from mlserve.ratelimit import RateLimiter
@@ -93,6 +94,9 @@ class ClassificationService:
             settings.redis_url,
             settings.cache_prefix,
             obs.observe_rate_limit_event,
+        )
+        self.shadow = ShadowRunner(
+            self._shadow_infer, obs.ShadowMetrics(), shadows=self.registry.shadow_settings
         )
         self.git_revision = _git_revision()
         self._tasks: list[asyncio.Task] = []
@@ -212,13 +216,30 @@ class ClassificationService:
                     length=len(text),
                 )
 
-    async def classify(self, texts: list[str], model_version: str | None) -> Outcome:
-        """Validate, resolve the model, and run ``texts`` as one request through its batcher."""
+    async def classify(
+        self, texts: list[str], model_version: str | None, routing_key: str | None = None
+    ) -> Outcome:
+        """Validate, resolve the model (a bare name by its traffic split, sticky by
+        ``routing_key``), and run ``texts`` as one request through its batcher. A sampled
+        request is then offered to its name's shadow version, which runs beside the answer."""
         start = time.perf_counter()
         self.validate_texts(texts)
         self.loader.require_ready()
-        with self.registry.acquired(model_version) as model:
-            return await self._run(model, texts, start)
+        with self.registry.acquired(model_version, routing_key) as model:
+            outcome = await self._run(model, texts, start)
+        if self.shadow.shadow_of(model.tag) is not None:
+            rows = outcome.rows
+            answers = Answers(rows.labels, rows.probabilities, rows.predicted_index)
+            self.shadow.offer(model.tag, texts, answers, outcome.total_ms / 1000.0)
+        return outcome
+
+    async def _shadow_infer(self, tag: str, texts: list[str]) -> Answers:
+        """A shadow run: the texts through ``tag``'s own batcher, without the cache, the
+        prediction metrics or the drift window (those describe what clients were answered)."""
+        with self.registry.acquired(tag) as model:
+            cleaned, _ = await self._clean(model, texts)
+            rows = await model.batcher.submit(cleaned, self.settings.infer_timeout_seconds)
+        return Answers(rows.labels, rows.probabilities, rows.predicted_index)
 
     def serve(self, model: LoadedModel) -> None:
         """Put a built model into the registry (not as default unless its name is new)."""
@@ -364,6 +385,7 @@ class ClassificationService:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        await self.shadow.aclose()
         self.audit.flush()
         await self.control.aclose()
         for model in self.registry.list():

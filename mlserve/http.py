@@ -45,6 +45,7 @@ from mlserve.core import ClassificationService, Outcome
 from mlserve.errors import (
     BadRequestError,
     MLServeError,
+    ModelNotFoundError,
     PayloadTooLargeError,
     RateLimitedError,
     RequestTimeoutError,
@@ -57,6 +58,7 @@ from mlserve.schemas import (
     AdminChangeResult,
     BatchPredictRequest,
     BatchPredictResponse,
+    CompareResponse,
     ConfigResponse,
     ControlStatus,
     DriftReport,
@@ -70,7 +72,9 @@ from mlserve.schemas import (
     PredictResponse,
     ReadyResponse,
     SetDefaultRequest,
+    ShadowRequest,
     StatsResponse,
+    TrafficRequest,
     UnloadModelRequest,
     VersionResponse,
 )
@@ -178,6 +182,8 @@ AUDITED = {
     "/admin/models/load": "load",
     "/admin/models/default": "default",
     "/admin/models/unload": "unload",
+    "/admin/models/traffic": "traffic",
+    "/admin/models/shadow": "shadow",
 }
 
 
@@ -400,7 +406,15 @@ def _schema_error(errors: Sequence[Any]) -> MLServeError:
 # --- routes -----------------------------------------------------------------------------------
 
 router = APIRouter(route_class=MLServeRoute)
+ROUTING_KEY_HEADER = {
+    "name": "X-Routing-Key",
+    "in": "header",
+    "required": False,
+    "description": "Makes a traffic split sticky (as the body's `routing_key`, which wins).",
+    "schema": {"type": "string", "maxLength": 256},
+}
 _PREDICTION = {"security": API_KEY_SECURITY}
+_ROUTED = {"security": API_KEY_SECURITY, "parameters": [ROUTING_KEY_HEADER]}
 _ADMIN = {"security": ADMIN_SECURITY}
 
 
@@ -412,10 +426,23 @@ def _decision_rule(outcome: Outcome) -> str:
     return outcome.model.runner.calibrator.decision_rule
 
 
-async def _classify(request: Request, texts: list[str], version: str | None) -> Outcome:
+def _routing_key(request: Request, given: str | None) -> str | None:
+    """The request's routing key: the body's, else the X-Routing-Key header (at most 256
+    characters, like the body field)."""
+    if given is not None:
+        return given
+    header = request.headers.get("x-routing-key")
+    if header is not None and len(header) > 256:
+        raise ValidationError("X-Routing-Key is longer than 256 characters")
+    return header
+
+
+async def _classify(
+    request: Request, texts: list[str], version: str | None, routing_key: str | None = None
+) -> Outcome:
     """Run one request's texts, log inputs/outputs when enabled, and tag the access log."""
     core = _core(request)
-    outcome = await core.classify(texts, version)
+    outcome = await core.classify(texts, version, _routing_key(request, routing_key))
     if core.settings.log_io:
         obs.json_logger("mlserve.io").info(
             "io",
@@ -446,14 +473,14 @@ def _batch_body(outcome: Outcome, rid: str) -> dict:
     "/predict",
     response_model=PredictResponse,
     responses=_PREDICT_ERRORS,
-    openapi_extra=_PREDICTION,
+    openapi_extra=_ROUTED,
     tags=["predict"],
     summary="Classify one text",
 )
 async def predict(request: Request, body: PredictRequest) -> Response:
     """The label, its confidence and every label's calibrated probability for one text, with
     the version that computed it and where the time went."""
-    outcome = await _classify(request, [body.text], body.model_version)
+    outcome = await _classify(request, [body.text], body.model_version, body.routing_key)
     return JSONResponse(
         {
             **outcome.predictions()[0],
@@ -470,13 +497,13 @@ async def predict(request: Request, body: PredictRequest) -> Response:
     "/batch-predict",
     response_model=BatchPredictResponse,
     responses=_PREDICT_ERRORS,
-    openapi_extra=_PREDICTION,
+    openapi_extra=_ROUTED,
     tags=["predict"],
     summary="Classify up to MLSERVE_MAX_BATCH_TEXTS texts",
 )
 async def batch_predict(request: Request, body: BatchPredictRequest) -> Response:
     """Predictions in input order; only texts missing from the cache reach the model."""
-    outcome = await _classify(request, body.texts, body.model_version)
+    outcome = await _classify(request, body.texts, body.model_version, body.routing_key)
     return JSONResponse(_batch_body(outcome, request.state.rid))
 
 
@@ -520,7 +547,7 @@ def _texts_from_upload(name: str, raw: bytes) -> list[str]:
     "/batch-predict/file",
     response_model=BatchPredictResponse,
     responses=_PREDICT_ERRORS,
-    openapi_extra=_PREDICTION,
+    openapi_extra=_ROUTED,
     tags=["predict"],
     summary="Classify the texts of an uploaded CSV or JSONL file",
 )
@@ -724,6 +751,80 @@ async def admin_unload(request: Request, body: UnloadModelRequest) -> Response:
     return await _change(request, lambda: control.unload(body.tag))
 
 
+@router.post(
+    "/admin/models/traffic",
+    summary="Split a name's requests over its loaded versions (canary); {} clears",
+    **_CHANGE,
+)
+async def admin_traffic(request: Request, body: TrafficRequest) -> Response:
+    """Bare-name requests (and requests naming nothing, for the default name) are routed by the
+    weights; a request naming an exact version never is. 422 when the weights do not sum to 100
+    or name a version that is not loaded; nothing changes then."""
+    control = _core(request).control
+    return await _change(request, lambda: control.set_traffic(body.name, dict(body.weights)))
+
+
+@router.post(
+    "/admin/models/shadow",
+    summary="Run a share of a name's requests on a shadow version too; null clears",
+    **_CHANGE,
+)
+async def admin_shadow(request: Request, body: ShadowRequest) -> Response:
+    """The shadow runs beside the answer, never in its way; see GET
+    /admin/models/{name}/compare. 422 for a version that is not loaded or is the default."""
+    control = _core(request).control
+    return await _change(request, lambda: control.set_shadow(body.name, body.version, body.sample))
+
+
+@router.get(
+    "/admin/models/{name}/compare",
+    response_model=CompareResponse,
+    responses=errors(401, 403, 404, 422, 503),
+    openapi_extra=_ADMIN,
+    tags=["admin"],
+    summary="How a name's shadow version compares with the versions that answered",
+)
+async def admin_compare(request: Request, name: str) -> Response:
+    """Agreement, probability difference, label distributions, latency, shadow errors and
+    drops of each (primary, shadow) pair, merged over this server's workers."""
+    from mlserve.admin import _samples, comparisons
+    from mlserve.settings import NAME_RE
+
+    core = _core(request)
+    if not NAME_RE.match(name):
+        raise ValidationError(
+            "name must be lowercase letters, digits, '_', '-' or '.' (at most 63)"
+        )
+    defaults = core.registry.defaults()
+    if name not in defaults:
+        raise ModelNotFoundError(f"no version of model {name!r} is loaded")
+    pairs = await asyncio.to_thread(lambda: comparisons(_samples(), name))
+    shadow = core.registry.shadows().get(name)
+    return JSONResponse(
+        {
+            "name": name,
+            "default": defaults.get(name),
+            "traffic": core.registry.traffic().get(name, {}),
+            "shadow": shadow,
+            "pairs": pairs,
+        }
+    )
+
+
+def _audited_value(value: Any) -> Any:
+    """A body value as the audit log keeps it: strings cut to 200 characters, a mapping (a
+    traffic split) to 16 entries of plain values."""
+    if isinstance(value, str):
+        return value[:200]
+    if isinstance(value, dict):
+        return {
+            str(k)[:64]: v
+            for k, v in list(value.items())[:16]
+            if isinstance(v, bool | int | float) or (isinstance(v, str) and len(v) <= 200)
+        }
+    return value
+
+
 def _audit(
     request: Request,
     core: ClassificationService,
@@ -740,9 +841,9 @@ def _audit(
     if isinstance(raw, dict):
         # What was asked for, as sent (bounded: the log must not grow by request size).
         target = {
-            str(k)[:64]: v[:200] if isinstance(v, str) else v
+            str(k)[:64]: _audited_value(v)
             for k, v in list(raw.items())[:8]
-            if isinstance(v, str | bool)
+            if isinstance(v, str | bool | int | float | dict) or v is None
         }
     entry = {
         "ts": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),

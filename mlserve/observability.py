@@ -114,6 +114,42 @@ class _Metrics:
             "1 while a worker drains on SIGTERM (/ready is 503, no new connections are taken).",
             multiprocess_mode="livemax",
         )
+        pair = ["primary", "shadow"]
+        self.shadow_runs = Counter(
+            "mlserve_shadow_runs",
+            "Requests offered to a shadow version, by primary and shadow version and outcome: "
+            "compared, dropped (the shadow queue or the shadow's batcher was full, or the "
+            "shadow was cleared) or error (counted and logged, never shown to the client).",
+            [*pair, "outcome"],
+        )
+        self.shadow_comparisons = Counter(
+            "mlserve_shadow_comparisons",
+            "Texts answered by both the primary and the shadow version.",
+            pair,
+        )
+        self.shadow_agreements = Counter(
+            "mlserve_shadow_agreements",
+            "Compared texts on which the primary and the shadow predicted the same label.",
+            pair,
+        )
+        self.shadow_probability_difference = Counter(
+            "mlserve_shadow_probability_difference",
+            "Sum over compared texts of the mean absolute difference of the two versions' "
+            "probabilities (divide by mlserve_shadow_comparisons_total for the mean).",
+            pair,
+        )
+        self.shadow_labels = Counter(
+            "mlserve_shadow_labels",
+            "Predicted labels of compared texts, by pair and role (primary or shadow).",
+            [*pair, "role", "label"],
+        )
+        self.shadow_latency = Histogram(
+            "mlserve_shadow_latency_seconds",
+            "Latency of compared requests by pair and role: the primary's request, and the "
+            "shadow's run of the same texts.",
+            [*pair, "role"],
+            buckets=LATENCY_BUCKETS,
+        )
         self.loaded = Gauge(
             "mlserve_model_loaded",
             "1 while a model version is loaded in a worker.",
@@ -240,6 +276,42 @@ def render_metrics() -> tuple[bytes, str]:
 
     metrics()  # every family exists before the first request
     return generate_latest(collector_registry()), CONTENT_TYPE_LATEST
+
+
+SHADOW_OUTCOMES = ("compared", "dropped", "error")
+
+
+class ShadowMetrics:
+    """The :class:`mlserve.delivery.ShadowObserver` of a worker: Prometheus. Every label value
+    is a loaded version's tag, a fixed role or outcome, or one of a loaded model's labels."""
+
+    def init(self, primary: str, shadow: str) -> None:
+        m = metrics()
+        for outcome in SHADOW_OUTCOMES:
+            m.shadow_runs.labels(primary=primary, shadow=shadow, outcome=outcome)
+
+    def compared(
+        self, primary: str, shadow: str, result: Any, primary_s: float, shadow_s: float
+    ) -> None:
+        m, pair = metrics(), {"primary": primary, "shadow": shadow}
+        self.init(primary, shadow)
+        m.shadow_runs.labels(**pair, outcome="compared").inc()
+        m.shadow_comparisons.labels(**pair).inc(result.texts)
+        m.shadow_agreements.labels(**pair).inc(result.agreements)
+        m.shadow_probability_difference.labels(**pair).inc(result.probability_difference)
+        for role, labels in (("primary", result.primary_labels), ("shadow", result.shadow_labels)):
+            for label, count in collections.Counter(labels).items():
+                m.shadow_labels.labels(**pair, role=role, label=label).inc(count)
+        m.shadow_latency.labels(**pair, role="primary").observe(primary_s)
+        m.shadow_latency.labels(**pair, role="shadow").observe(shadow_s)
+
+    def dropped(self, primary: str, shadow: str) -> None:
+        self.init(primary, shadow)
+        metrics().shadow_runs.labels(primary=primary, shadow=shadow, outcome="dropped").inc()
+
+    def errored(self, primary: str, shadow: str) -> None:
+        self.init(primary, shadow)
+        metrics().shadow_runs.labels(primary=primary, shadow=shadow, outcome="error").inc()
 
 
 def observe_drift(tag: str, score: float) -> None:

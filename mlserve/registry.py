@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlserve.batching import AdaptiveBatcher
+from mlserve.delivery import Shadows, Traffic, pick
 from mlserve.drift import DriftMonitor
 from mlserve.errors import (
     ModelNotFoundError,
@@ -71,15 +72,37 @@ class LoadedModel:
 class ModelRegistry:
     """Resolves ``model_version`` strings to loaded models.
 
-    ``None`` means the service default; a bare name means that name's default version; and
-    ``name:version`` means exactly that version.
+    ``None`` means the service default; a bare name means that name's default version, or a
+    version chosen by the name's traffic split when it has one (:func:`mlserve.delivery.pick`);
+    and ``name:version`` means exactly that version, never re-routed.
     """
 
     def __init__(self, service_default: str):
         self.service_default = service_default
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._defaults: dict[str, str] = {}
+        self._traffic: Traffic = {}
+        self._shadows: Shadows = {}
         self._lock = threading.Lock()
+
+    def set_delivery(self, traffic: Traffic, shadows: Shadows) -> None:
+        """Take the traffic splits and shadow settings of the control state."""
+        with self._lock:
+            self._traffic = {name: dict(w) for name, w in traffic.items() if w}
+            self._shadows = {name: dict(s) for name, s in shadows.items() if s}
+
+    def traffic(self) -> Traffic:
+        with self._lock:
+            return {name: dict(w) for name, w in self._traffic.items()}
+
+    def shadows(self) -> Shadows:
+        with self._lock:
+            return {name: dict(s) for name, s in self._shadows.items()}
+
+    def shadow_settings(self) -> Shadows:
+        """The shadow settings without a copy, for the request path: replaced, never changed in
+        place, so reading them needs no lock. Do not modify."""
+        return self._shadows
 
     def add(self, model: LoadedModel, make_default: bool = False) -> None:
         with self._lock:
@@ -116,13 +139,16 @@ class ModelRegistry:
             return found
 
     @contextlib.contextmanager
-    def acquired(self, model_version: str | None) -> Iterator[LoadedModel]:
+    def acquired(
+        self, model_version: str | None, routing_key: str | None = None
+    ) -> Iterator[LoadedModel]:
         """Resolve ``model_version`` and hold the model for the length of the ``with`` block.
 
         An unload waits until no request holds the model before it closes it, so a request
-        that resolved a model is always served by that model.
+        that resolved a model is always served by that model. ``routing_key`` makes a traffic
+        split's choice sticky.
         """
-        model = self._resolve(model_version, hold=True)
+        model = self._resolve(model_version, hold=True, routing_key=routing_key)
         try:
             yield model
         finally:
@@ -133,7 +159,9 @@ class ModelRegistry:
         """The loaded model a request asks for, or a typed error."""
         return self._resolve(model_version, hold=False)
 
-    def _resolve(self, model_version: str | None, hold: bool) -> LoadedModel:
+    def _resolve(
+        self, model_version: str | None, hold: bool, routing_key: str | None = None
+    ) -> LoadedModel:
         ref = model_version if model_version not in (None, "") else self.service_default
         if not isinstance(ref, str) or not (TAG_RE.match(ref) or NAME_RE.match(ref)):
             raise ValidationError(
@@ -143,7 +171,13 @@ class ModelRegistry:
         name, _, version = ref.partition(":")
         with self._lock:
             if not version:
-                version = self._defaults.get(name, "")
+                weights = self._traffic.get(name)
+                chosen = pick(weights, routing_key) if weights else None
+                # A weighted version this worker does not serve (yet): the default serves.
+                if chosen is not None and (name, chosen) in self._models:
+                    version = chosen
+                else:
+                    version = self._defaults.get(name, "")
                 if not version:
                     raise ModelNotFoundError(f"no version of model {name!r} is loaded")
             found = self._models.get((name, version))

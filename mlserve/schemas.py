@@ -7,13 +7,23 @@ description from the same models, so the two cannot drift apart. The typed clien
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 DecisionRuleName = Literal["argmax", "prior_corrected_argmax"]
 
 # --- requests ---------------------------------------------------------------------------------
+
+RoutingKey = Annotated[
+    StrictStr | None,
+    Field(
+        max_length=256,
+        description="Makes a traffic split sticky: requests with the same key get the same "
+        "version while the weights stay the same (the X-Routing-Key header does the same; this "
+        "field wins). Without one, a split chooses at random per request.",
+    ),
+]
 
 
 class PredictRequest(BaseModel):
@@ -30,9 +40,10 @@ class PredictRequest(BaseModel):
     )
     model_version: StrictStr | None = Field(
         None,
-        description="name:version, a bare name (its default version), or omitted "
-        "(MLSERVE_DEFAULT_MODEL).",
+        description="name:version, a bare name (its default version, or a version chosen by "
+        "the name's traffic split), or omitted (MLSERVE_DEFAULT_MODEL).",
     )
+    routing_key: RoutingKey = None
 
 
 class BatchPredictRequest(BaseModel):
@@ -50,6 +61,7 @@ class BatchPredictRequest(BaseModel):
     model_version: StrictStr | None = Field(
         None, description="name:version, a bare name, or omitted (the default model)."
     )
+    routing_key: RoutingKey = None
 
 
 class LoadModelRequest(BaseModel):
@@ -82,6 +94,49 @@ class UnloadModelRequest(BaseModel):
     )
 
     tag: StrictStr
+
+
+class TrafficRequest(BaseModel):
+    """``POST /admin/models/traffic``: split a name's requests over its loaded versions."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"name": "sentiment", "weights": {"v1": 90, "v2": 10}},
+                {"name": "sentiment", "weights": {}},
+            ]
+        },
+    )
+
+    name: StrictStr = Field(description="A model name with loaded versions.")
+    weights: dict[StrictStr, Annotated[StrictInt, Field(ge=0, le=100)]] = Field(
+        max_length=64,
+        description="Percent of the bare-name requests each loaded version gets, summing to "
+        "100; {} clears the split (the default version serves them all again).",
+    )
+
+
+class ShadowRequest(BaseModel):
+    """``POST /admin/models/shadow``: run a share of a name's requests on another version too."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"name": "sentiment", "version": "v2", "sample": 1.0},
+                {"name": "sentiment", "version": None},
+            ]
+        },
+    )
+
+    name: StrictStr
+    version: StrictStr | None = Field(
+        description="A loaded version other than the name's default; null clears the shadow."
+    )
+    sample: float = Field(
+        1.0, gt=0, le=1, description="The share of the primary's requests also run on it."
+    )
 
 
 # --- predictions ------------------------------------------------------------------------------
@@ -303,15 +358,79 @@ class WorkerState(BaseModel):
     defaults: dict[str, str]
 
 
+class ShadowSetting(BaseModel):
+    version: str
+    sample: float
+
+
 class AdminChangeResult(BaseModel):
     action: str
     complete: bool = Field(description="Every live worker serves the change (200; else 202).")
     generation: int
     models: list[str]
     defaults: dict[str, str]
+    traffic: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="Each name's traffic split (percent by version)."
+    )
+    shadows: dict[str, ShadowSetting] = Field(
+        default_factory=dict, description="Each name's shadow version and sample."
+    )
     workers: dict[str, WorkerState]
     lagging: list[str]
     failed: dict[str, dict[str, str]]
+
+
+class LatencySummary(BaseModel):
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+
+
+class PairComparison(BaseModel):
+    primary: str = Field(description="The version that answered the clients.")
+    shadow: str
+    comparisons: int = Field(description="Texts answered by both.")
+    requests: int = Field(description="Requests compared.")
+    agreement_rate: float | None = Field(description="Share of texts with the same label.")
+    mean_abs_probability_difference: float | None = Field(
+        description="Mean over texts of the mean absolute difference of the probabilities."
+    )
+    labels: dict[str, dict[str, int]] = Field(
+        description="Label distribution of each role (`primary`, `shadow`) on compared texts."
+    )
+    latency: dict[str, LatencySummary] = Field(
+        description="Per role: the primary's request latency and the shadow's run latency."
+    )
+    shadow_errors: int
+    shadow_dropped: int = Field(
+        description="Shadow runs dropped: queue full, shadow overloaded, or shadow cleared."
+    )
+
+
+class CompareResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "sentiment",
+                    "default": "v1",
+                    "traffic": {"v1": 90, "v2": 10},
+                    "shadow": {"version": "v2", "sample": 1.0},
+                    "pairs": [],
+                }
+            ]
+        }
+    )
+
+    name: str
+    default: str | None = Field(description="The name's default (primary) version.")
+    traffic: dict[str, int] = Field(description="The traffic split; {} when there is none.")
+    shadow: ShadowSetting | None
+    pairs: list[PairComparison] = Field(
+        description="Every (primary, shadow) pair of this name seen by this server's workers "
+        "since they started."
+    )
 
 
 class ControlStatus(BaseModel):
@@ -334,6 +453,7 @@ class StatsResponse(BaseModel):
     cache_backend: dict[str, Any]
     worker: dict[str, Any]
     control: dict[str, Any]
+    comparisons: list[PairComparison] = Field(default_factory=list)
 
 
 class ConfigResponse(BaseModel):

@@ -62,7 +62,7 @@ def test_the_description_validates_and_lists_every_route(server, spec) -> None:
         if isinstance(route, MLServeRoute)
         for method in route.methods
     }
-    assert len(served) == 17
+    assert len(served) == 20
     described = {(path, method) for path, item in spec["paths"].items() for method in item}
     assert served == described
     schemes = spec["components"]["securitySchemes"]
@@ -70,6 +70,12 @@ def test_the_description_validates_and_lists_every_route(server, spec) -> None:
     predict = spec["paths"]["/predict"]["post"]
     assert predict["security"] == [{"ApiKey": []}, {"ApiKeyBearer": []}]
     assert spec["paths"]["/admin/models/load"]["post"]["security"] == [{"AdminToken": []}]
+    for path in ("/admin/models/traffic", "/admin/models/shadow"):
+        assert spec["paths"][path]["post"]["security"] == [{"AdminToken": []}]
+        assert {"200", "202", "409", "422"} <= set(spec["paths"][path]["post"]["responses"])
+    assert spec["paths"]["/admin/models/{name}/compare"]["get"]["security"] == [{"AdminToken": []}]
+    routing = [p for p in predict["parameters"] if p["name"] == "X-Routing-Key"]
+    assert routing and routing[0]["in"] == "header"
     assert "security" not in spec["paths"]["/health"]["get"]
     # Real fields with examples, every error with the shared body, the multipart upload.
     ok = predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
@@ -131,7 +137,7 @@ def test_schemathesis_finds_nothing(server, tmp_path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
-    assert "17 selected / 17 total" in result.stdout
+    assert "20 selected / 20 total" in result.stdout
     assert "passed" in result.stdout and "failed" not in result.stdout.lower().split("summary")[-1]
     with httpx.Client(base_url=server.url) as client:
         assert client.get("/ready").status_code == 200
@@ -258,7 +264,7 @@ def test_every_response_carries_the_security_headers(server, spec) -> None:
             headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"},
         )
         check_headers(preflight, "preflight")
-    assert seen >= 2 * 17
+    assert seen >= 2 * 20
     # Predictions and admin answers are never cached; HSTS only comes with TLS.
     with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
         answer = client.post("/predict", json={"text": "fine"})

@@ -369,6 +369,16 @@ def traffic(stack) -> dict:
             http.post("/predict", json={"text": "   "}).status_code,
             http.post("/predict", json={"text": "x", "model_version": "nosuch:v1"}).status_code,
         ]
+        # The old default shadows the new one for a few scrapes (the comparison panels).
+        shadow = {"name": "sentiment", "version": "v1", "sample": 1.0}
+        out["shadow"] = http.post("/admin/models/shadow", json=shadow, headers=AUTH).status_code
+        until = time.monotonic() + 4
+        while time.monotonic() < until:
+            http.post("/predict", json={"text": REPEATED[0]})
+        cleared = {"name": "sentiment", "version": None}
+        out["shadow_cleared"] = http.post(
+            "/admin/models/shadow", json=cleared, headers=AUTH
+        ).status_code
     time.sleep(3)  # a few more scrapes and rule evaluations after the last request
     return out
 
@@ -390,6 +400,7 @@ def test_load_through_the_balancer_survives_a_promotion(stack, traffic) -> None:
     assert len(results) > 100, len(results)
     print(f"{len(results)} requests in {traffic['seconds']:.1f} s through the balancer, 0 failed")
     assert traffic["refused"] == [422, 404]
+    assert (traffic["shadow"], traffic["shadow_cleared"]) == (200, 200)
 
     sent, response, done = traffic["promotion"]
     assert response.status_code == 200, response.text
