@@ -62,6 +62,16 @@ def _lower_priority(nice: int) -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
+def _background_priority() -> None:
+    """Run the calling (model) thread only on CPU that nothing else wants (Linux SCHED_IDLE)."""
+    import contextlib
+    import os
+    import threading
+
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+
+
 @dataclass
 class BatchSlice:
     """One request's share of a batch."""
@@ -101,15 +111,37 @@ class AdaptiveBatcher:
         self._queue: collections.deque[_Job] = collections.deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="mlserve-model",
-            initializer=_lower_priority,
-            initargs=(nice,),
-        )
+        self._nice = nice
+        self.background = False
+        self._executor = self._new_executor()
         self._last_batch_jobs = 1
         self._inflight: list[_Job] = []
         self._closed = False
+
+    def _new_executor(self) -> ThreadPoolExecutor:
+        if self.background:
+            return ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="mlserve-model-bg",
+                initializer=_background_priority,
+            )
+        return ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="mlserve-model",
+            initializer=_lower_priority,
+            initargs=(self._nice,),
+        )
+
+    def set_background(self, on: bool) -> None:
+        """Run this model's batches only on spare CPU (``on``: a shadow version that serves no
+        client), or at its normal priority again. The next batch runs on a new thread with that
+        priority (an unprivileged thread cannot leave SCHED_IDLE); a batch running now finishes
+        on the old one."""
+        if on == self.background or self._closed:
+            return
+        self.background = on
+        old, self._executor = self._executor, self._new_executor()
+        old.shutdown(wait=False)
 
     async def submit(self, texts: list[str], timeout: float) -> BatchSlice:
         """Queue ``texts`` (one request) and wait for its rows, at most ``timeout`` seconds."""

@@ -90,6 +90,18 @@ class ModelRegistry:
         with self._lock:
             self._traffic = {name: dict(w) for name, w in traffic.items() if w}
             self._shadows = {name: dict(s) for name, s in shadows.items() if s}
+            self._set_background()
+
+    def _set_background(self) -> None:
+        """A shadow version that serves no client (neither its name's default nor weighted in a
+        split) computes on spare CPU only: its runs must never slow the answers. Every other
+        version runs at its normal priority. Call with the lock held."""
+        for (name, version), model in self._models.items():
+            shadow = self._shadows.get(name, {}).get("version") == version
+            serves = self._defaults.get(name) == version or (
+                self._traffic.get(name, {}).get(version, 0) > 0
+            )
+            model.batcher.set_background(shadow and not serves)
 
     def traffic(self) -> Traffic:
         with self._lock:
@@ -109,6 +121,7 @@ class ModelRegistry:
             self._models[(model.name, model.version)] = model
             if make_default or model.name not in self._defaults:
                 self._defaults[model.name] = model.version
+            self._set_background()
 
     def set_default(self, name: str, version: str) -> None:
         """Make a loaded version its name's default."""
@@ -116,6 +129,7 @@ class ModelRegistry:
             if (name, version) not in self._models:
                 raise ModelNotFoundError(f"model {name}:{version} is not loaded")
             self._defaults[name] = version
+            self._set_background()
 
     def remove(self, name: str, version: str) -> LoadedModel:
         """Take a version out of service: no request can resolve it afterwards.

@@ -328,3 +328,28 @@ def test_a_batch_stops_growing_before_it_would_make_its_first_job_late() -> None
     assert sorted(t for b in model.batches for t in b) == sorted(
         ["urgent", *[f"t{i}" for i in range(40)]]
     )
+
+
+def test_a_background_batcher_computes_under_sched_idle_and_can_come_back() -> None:
+    import os
+
+    policies: list[tuple[int, int]] = []
+
+    def model(texts: list[str]) -> BatchResult:
+        policies.append((os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)))
+        return LengthModel()(texts)
+
+    batcher = AdaptiveBatcher(model, 8, 0, nice=5)
+
+    async def go():
+        await batcher.submit(["normal"], timeout=5)
+        batcher.set_background(True)
+        await batcher.submit(["shadow"], timeout=5)
+        batcher.set_background(False)  # promoted: a fresh thread at the normal priority
+        await batcher.submit(["promoted"], timeout=5)
+
+    run(go())
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert policies[0] == (os.SCHED_OTHER, min(19, base + 5))
+    assert policies[1][0] == os.SCHED_IDLE
+    assert policies[2] == (os.SCHED_OTHER, min(19, base + 5))

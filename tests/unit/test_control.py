@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from mlserve.balance import ConnectionBalancer
+from mlserve.batching import AdaptiveBatcher
 from mlserve.control import Controller, FileControlStore, RedisControlStore
 from mlserve.errors import (
     ModelIntegrityError,
@@ -54,7 +55,8 @@ class Core:
         self.built.append(tag)
         name, version = tag.split(":")
         runner = SimpleNamespace(model=StoredModel(tag, name, version, Path("."), {}, ""))
-        return LoadedModel(name, version, runner, batcher=None)  # type: ignore[arg-type]
+        batcher = AdaptiveBatcher(lambda texts: None, 8, 0)  # never called: no request here
+        return LoadedModel(name, version, runner, batcher=batcher)
 
     def serve(self, model: LoadedModel) -> None:
         self.registry.add(model)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from mlserve.batching import AdaptiveBatcher
 from mlserve.errors import (
     ModelNotFoundError,
     ModelStateError,
@@ -24,7 +25,8 @@ class _Runner:
 
 def loaded(tag: str) -> LoadedModel:
     name, version = tag.split(":")
-    return LoadedModel(name, version, _Runner(tag), batcher=None)  # type: ignore[arg-type]
+    batcher = AdaptiveBatcher(lambda texts: None, 8, 0)  # never called: no request here
+    return LoadedModel(name, version, _Runner(tag), batcher=batcher)
 
 
 @pytest.fixture
@@ -111,3 +113,22 @@ def test_a_default_is_removable_only_as_its_names_last_version(registry: ModelRe
     registry.remove("sentiment", "v2")
     registry.remove("sentiment", "v1")
     assert "sentiment" not in registry.defaults()
+
+
+def test_a_shadow_that_serves_no_client_runs_on_spare_cpu_only() -> None:
+    registry = ModelRegistry("sentiment")
+    v1, v2 = loaded("sentiment:v1"), loaded("sentiment:v2")
+    registry.add(v1)
+    registry.add(v2)
+    assert not v1.batcher.background and not v2.batcher.background
+    registry.set_delivery({}, {"sentiment": {"version": "v2", "sample": 1.0}})
+    assert v2.batcher.background and not v1.batcher.background
+    # Weighted in a canary split, it serves clients: normal priority again.
+    registry.set_delivery(
+        {"sentiment": {"v1": 90, "v2": 10}}, {"sentiment": {"version": "v2", "sample": 1.0}}
+    )
+    assert not v2.batcher.background
+    registry.set_delivery({}, {"sentiment": {"version": "v2", "sample": 1.0}})
+    assert v2.batcher.background
+    registry.set_default("sentiment", "v2")  # promoted
+    assert not v2.batcher.background and not v1.batcher.background
