@@ -15,15 +15,13 @@ the torch runner (``MLSERVE_TORCH_THREADS``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from mlserve.calibration import Calibrator
 from mlserve.settings import get_settings
-from runners.base import BatchResult, Runner, Stopwatch
+from runners.base import BatchResult, Stopwatch
+from runners.transformer import EncoderHeadRunner
 
 ENCODER_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -89,7 +87,7 @@ class OnnxEncoder:
         self.session = None
 
 
-class OnnxRunner(Runner):
+class OnnxRunner(EncoderHeadRunner):
     """Serves ONNX-encoder models (``mlserve optimize``) on ONNX Runtime."""
 
     family = "onnx"
@@ -109,31 +107,10 @@ class OnnxRunner(Runner):
         head = load_file(str(self.model.path / "head.safetensors"))
         self.weight = head["weight"].astype(np.float64)
         self.bias = head["bias"].astype(np.float64)
-        cal = json.loads((self.model.path / "calibration.json").read_text(encoding="utf-8"))
-        self.calibrator = Calibrator.from_dict(cal)
+        self._load_calibrator()
         self.loaded = True
 
-    @property
-    def max_tokens(self) -> int:
-        """Inputs are truncated to this many tokens: the server's limit or the model's."""
-        stored = int(self.model.metadata["preprocessing"]["max_tokens"])
-        return min(get_settings().max_tokens, stored)
-
-    def serving_options(self) -> dict[str, Any]:
-        return {"max_tokens": self.max_tokens}
-
     def infer(self, cleaned: list[str]) -> BatchResult:
-        from runners.transformer import head_proba
-
         watch = Stopwatch()
         emb = self.encoder.embed(cleaned).astype(np.float64)
-        logits = emb @ self.weight.T + self.bias
-        watch.lap("model_ms")
-        probs = self.calibrator.transform(head_proba(logits))
-        watch.lap("postprocess_ms")
-        return BatchResult(self.labels, probs, self.calibrator.decide(probs), watch.timing)
-
-    def close(self) -> None:
-        self.encoder.close()
-        self.weight = self.bias = None
-        super().close()
+        return self._answer(emb @ self.weight.T + self.bias, watch)

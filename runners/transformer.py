@@ -125,7 +125,40 @@ def save_head(weight: np.ndarray, bias: np.ndarray, path: Path) -> None:
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path))
 
 
-class TransformerRunner(Runner):
+class EncoderHeadRunner(Runner):
+    """What the encoder families share (this one and ``onnx``): a sentence encoder truncating
+    to ``max_tokens``, then a linear head (``weight``, ``bias``) and the calibrator."""
+
+    encoder: Any
+    calibrator: Calibrator
+
+    @property
+    def max_tokens(self) -> int:
+        """Inputs are truncated to this many tokens: the server's limit or the model's."""
+        stored = int(self.model.metadata["preprocessing"]["max_tokens"])
+        return min(get_settings().max_tokens, stored)
+
+    def serving_options(self) -> dict[str, Any]:
+        return {"max_tokens": self.max_tokens}
+
+    def _load_calibrator(self) -> None:
+        cal = json.loads((self.model.path / "calibration.json").read_text(encoding="utf-8"))
+        self.calibrator = Calibrator.from_dict(cal)
+
+    def _answer(self, logits: np.ndarray, watch: Stopwatch) -> BatchResult:
+        """Calibrated probabilities and decisions from the head's ``logits``."""
+        watch.lap("model_ms")
+        probs = self.calibrator.transform(head_proba(logits.astype(np.float64)))
+        watch.lap("postprocess_ms")
+        return BatchResult(self.labels, probs, self.calibrator.decide(probs), watch.timing)
+
+    def close(self) -> None:
+        self.encoder.close()
+        self.weight = self.bias = None
+        super().close()
+
+
+class TransformerRunner(EncoderHeadRunner):
     """Serves MiniLM-embedding models on cuda, mps or cpu."""
 
     family = "transformer"
@@ -144,18 +177,8 @@ class TransformerRunner(Runner):
         self.encoder = MiniLMEncoder(path / "encoder", self.device, max_tokens=self.max_tokens)
         head = load_file(str(path / "head.safetensors"), device=self.device)
         self.weight, self.bias = head["weight"], head["bias"]
-        cal = json.loads((path / "calibration.json").read_text(encoding="utf-8"))
-        self.calibrator = Calibrator.from_dict(cal)
+        self._load_calibrator()
         self.loaded = True
-
-    @property
-    def max_tokens(self) -> int:
-        """Inputs are truncated to this many tokens: the server's limit or the model's."""
-        stored = int(self.model.metadata["preprocessing"]["max_tokens"])
-        return min(get_settings().max_tokens, stored)
-
-    def serving_options(self) -> dict[str, Any]:
-        return {"max_tokens": self.max_tokens}
 
     def infer(self, cleaned: list[str]) -> BatchResult:
         import torch
@@ -167,12 +190,4 @@ class TransformerRunner(Runner):
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise ServiceUnavailableError("GPU out of memory; retry with a smaller batch") from exc
-        watch.lap("model_ms")
-        probs = self.calibrator.transform(head_proba(logits.astype(np.float64)))
-        watch.lap("postprocess_ms")
-        return BatchResult(self.labels, probs, self.calibrator.decide(probs), watch.timing)
-
-    def close(self) -> None:
-        self.encoder.close()
-        self.weight = self.bias = None
-        super().close()
+        return self._answer(logits, watch)

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -203,6 +204,41 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def spawn_mlserve_serve(
+    model_home: Path, tmp_path: Path, **env: str
+) -> tuple[subprocess.Popen, int, Path]:
+    """Start ``mlserve serve`` (the supervisor, as a user or an image runs it) in a session of
+    its own on a free port, with ``model_home``'s store and the given ``MLSERVE_*`` settings.
+    Returns the process, the port and its log file."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(model_home / "models", target_is_directory=True)
+    port = _free_port()
+    full_env = clean_env(BENTOML_HOME=str(home), PYTHONPATH=str(REPO), **env)
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "mlserve.cli", "serve", "--host", "127.0.0.1"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port)],
+            cwd=tmp_path,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc, port, log
+
+
+def process_alive(proc: Any) -> bool:
+    """A psutil process is still running (a zombie counts as gone)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @pytest.fixture

@@ -13,8 +13,6 @@ import http.client
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -24,7 +22,12 @@ import httpx
 import psutil
 import pytest
 
-from tests.integration.conftest import READY_TIMEOUT_S, REPO, _free_port, _tail, clean_env
+from tests.integration.conftest import (
+    READY_TIMEOUT_S,
+    _tail,
+    process_alive,
+    spawn_mlserve_serve,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -99,41 +102,19 @@ def client_loop(
             conn = None
 
 
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 @pytest.mark.parametrize("tag", ["topic:v1", "sentiment:v2"], ids=["classical", "transformer"])
 def test_sigterm_under_load_answers_every_written_request(
     model_home: Path, tmp_path: Path, tag: str
 ) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "models").symlink_to(model_home / "models", target_is_directory=True)
-    port = _free_port()
-    env = clean_env(
-        BENTOML_HOME=str(home),
-        PYTHONPATH=str(REPO),
+    proc, port, log = spawn_mlserve_serve(
+        model_home,
+        tmp_path,
         MLSERVE_MODELS=tag,
         MLSERVE_DEFAULT_MODEL=tag.split(":")[0],
         MLSERVE_WORKERS="2",
         MLSERVE_DRAIN_SECONDS=str(DRAIN_SECONDS),
         MLSERVE_CACHE_ENABLED="false",
     )
-    log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "mlserve.cli", "serve", "--host", "127.0.0.1"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*cmd, "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     family: list[psutil.Process] = []
     stop = threading.Event()
     threads: list[threading.Thread] = []
@@ -188,7 +169,7 @@ def test_sigterm_under_load_answers_every_written_request(
         print(f"drain of {tag}: {took:.1f} s, {dict(tally.counts)}, {dict(tally.statuses)}")
         assert rc == 0, _tail(log)
         assert took <= DRAIN_SECONDS, f"took {took:.1f} s\n{_tail(log)}"
-        left = [(p.pid, p.cmdline()) for p in family if _alive(p)]
+        left = [(p.pid, p.cmdline()) for p in family if process_alive(p)]
         assert not left, f"left after mlserve exited: {left}\n{_tail(log)}"
 
         assert not tally.lost, f"{len(tally.lost)} lost: {tally.lost[:5]}\n{_tail(log)}"

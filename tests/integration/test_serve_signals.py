@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,12 @@ import httpx
 import psutil
 import pytest
 
-from tests.integration.conftest import HEALTH_TIMEOUT_S, REPO, _free_port, _tail, clean_env
+from tests.integration.conftest import (
+    HEALTH_TIMEOUT_S,
+    _tail,
+    process_alive,
+    spawn_mlserve_serve,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -25,29 +28,14 @@ pytestmark = pytest.mark.integration
 def test_mlserve_serve_leaves_no_process_behind(
     model_home: Path, tmp_path: Path, sig: signal.Signals
 ) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "models").symlink_to(model_home / "models", target_is_directory=True)
-    port = _free_port()
-    env = clean_env(
-        BENTOML_HOME=str(home),
-        PYTHONPATH=str(REPO),
+    proc, port, log = spawn_mlserve_serve(
+        model_home,
+        tmp_path,
         MLSERVE_MODELS="topic:v1",
         MLSERVE_DEFAULT_MODEL="topic",
         MLSERVE_WORKERS="2",
         MLSERVE_DRAIN_SECONDS="5",
     )
-    log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "mlserve.cli", "serve", "--host", "127.0.0.1"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*cmd, "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     family: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
@@ -65,7 +53,7 @@ def test_mlserve_serve_leaves_no_process_behind(
 
         proc.send_signal(sig)  # the mlserve process only, as a terminal or a process manager does
         assert proc.wait(timeout=20) == 0, _tail(log)
-        left = [(p.pid, p.cmdline()) for p in family if _alive(p)]
+        left = [(p.pid, p.cmdline()) for p in family if process_alive(p)]
         assert not left, f"left after mlserve exited: {left}\n{_tail(log)}"
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
@@ -76,10 +64,3 @@ def test_mlserve_serve_leaves_no_process_behind(
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
