@@ -114,6 +114,8 @@ def test_sigterm_under_load_answers_every_written_request(
         MLSERVE_WORKERS="2",
         MLSERVE_DRAIN_SECONDS=str(DRAIN_SECONDS),
         MLSERVE_CACHE_ENABLED="false",
+        # The probe's connection must stay open until the signal: no rebalancing closes it.
+        MLSERVE_BALANCE_CONNECTIONS="false",
     )
     family: list[psutil.Process] = []
     stop = threading.Event()
@@ -134,16 +136,18 @@ def test_sigterm_under_load_answers_every_written_request(
         for n in range(CLIENTS):
             args = (port, tag, n, stop, tally, lambda: bool(signalled_at))
             threads.append(threading.Thread(target=client_loop, args=args, daemon=True))
-        probe = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        probe.request("GET", "/ready")
-        first = probe.getresponse()
-        assert first.status == 200, first.read()
-        first.read()
         for t in threads:
             t.start()
         time.sleep(3)
         answered_before = tally.counts["answered"]
         assert answered_before > 0, tally.counts
+        # A connection that is open (and just used) when the signal comes.
+        probe = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        probe.request("GET", "/ready")
+        first = probe.getresponse()
+        assert first.status == 200, first.read()
+        first.read()
+        assert not first.will_close
 
         proc.send_signal(signal.SIGTERM)  # the mlserve process only, as a supervisor does
         signalled_at.append(time.monotonic())
@@ -156,10 +160,11 @@ def test_sigterm_under_load_answers_every_written_request(
             ready_codes.append((response.status, body.get("draining"), time.monotonic()))
             if response.status == 503:
                 break
+            assert not response.will_close, ready_codes  # still open for the next probe
             time.sleep(0.02)
         probe.close()
         assert ready_codes[-1][:2] == (503, True), ready_codes
-        assert ready_codes[-1][2] - signalled_at[0] < 1.0, ready_codes
+        assert ready_codes[-1][2] - signalled_at[0] < 1.5, ready_codes
 
         rc = proc.wait(timeout=DRAIN_SECONDS + 10)
         took = time.monotonic() - signalled_at[0]
