@@ -804,8 +804,8 @@ def test_train_demo_skips_models_already_in_the_store(
     home = tmp_path_factory.mktemp("demo-home")
     run, best = topic_classical
     created = {}
-    with bentoml_store(home):  # cheap stand-ins for the three demo models
-        for tag in ("sentiment:v1", "sentiment:v2", "topic:v1"):
+    with bentoml_store(home):  # cheap stand-ins for the four demo models
+        for tag in ("sentiment:v1", "sentiment:v2", "sentiment:v3", "topic:v1"):
             created[tag] = save_result(run, best, tag, "pre-created").creation_time
     yaml_before = {t: sha256_file(model_dir(home, t) / "model.yaml") for t in created}
 
