@@ -231,6 +231,21 @@ def spawn_mlserve_serve(
     return proc, port, log
 
 
+def wait_until_answers(
+    proc: subprocess.Popen, port: int, path: str, log: Path, timeout: float
+) -> None:
+    """Poll ``GET path`` on ``port`` until it answers 200; fail with the log if ``proc`` exits
+    or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, _tail(log)
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code == 200:
+                return
+        assert time.monotonic() < deadline, _tail(log)
+        time.sleep(0.25)
+
+
 def process_alive(proc: Any) -> bool:
     """A psutil process is still running (a zombie counts as gone)."""
     import psutil

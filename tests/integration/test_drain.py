@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 
@@ -27,6 +26,7 @@ from tests.integration.conftest import (
     _tail,
     process_alive,
     spawn_mlserve_serve,
+    wait_until_answers,
 )
 
 pytestmark = pytest.mark.integration
@@ -121,14 +121,7 @@ def test_sigterm_under_load_answers_every_written_request(
     stop = threading.Event()
     threads: list[threading.Thread] = []
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, _tail(log)
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, _tail(log)
-            time.sleep(0.25)
+        wait_until_answers(proc, port, "/ready", log, READY_TIMEOUT_S)
         family = psutil.Process(proc.pid).children(recursive=True)
 
         tally = Tally()

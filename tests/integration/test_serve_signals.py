@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +18,7 @@ from tests.integration.conftest import (
     _tail,
     process_alive,
     spawn_mlserve_serve,
+    wait_until_answers,
 )
 
 pytestmark = pytest.mark.integration
@@ -38,14 +38,7 @@ def test_mlserve_serve_leaves_no_process_behind(
     )
     family: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, _tail(log)
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, _tail(log)
-            time.sleep(0.25)
+        wait_until_answers(proc, port, "/health", log, HEALTH_TIMEOUT_S)
         family = psutil.Process(proc.pid).children(recursive=True)
         workers = [p for p in family if "_bentoml_impl.worker" in " ".join(p.cmdline())]
         assert len(workers) == 2, [p.cmdline() for p in family]
