@@ -116,6 +116,46 @@ def fit_classical(
     )
 
 
+def fit_linear_head(
+    embed: Callable[[list[str]], np.ndarray],
+    emb_train: np.ndarray,
+    y_train: np.ndarray,
+    emb_val: np.ndarray,
+    y_val: np.ndarray,
+    seed: int,
+    *,
+    name: str,
+    family: str,
+    kind: str,
+    encoder: str,
+    write_encoder: Callable[[Path], None],
+    max_tokens: int,
+) -> Fitted:
+    """A class-balanced linear head on sentence embeddings (``embed``: texts to an (n, d)
+    array), C chosen on validation log-loss; ``write_encoder`` writes the encoder's files."""
+    from runners.transformer import head_proba, save_head
+
+    lr, c = _sklearn_grid_lr(emb_train, y_train, emb_val, y_val, seed, (1.0, 4.0, 16.0, 64.0))
+    weight, bias = lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64)
+
+    def raw_proba(texts: list[str]) -> np.ndarray:
+        return head_proba(np.asarray(embed(texts), dtype=np.float64) @ weight.T + bias)
+
+    def write(directory: Path) -> None:
+        write_encoder(directory)
+        save_head(weight, bias, directory / "head.safetensors")
+
+    return Fitted(
+        name=name,
+        family=family,
+        kind=kind,
+        params={"C": c, "class_weight": "balanced", "encoder": encoder},
+        raw_proba=raw_proba,
+        write=write,
+        extra_meta={"max_tokens": max_tokens},
+    )
+
+
 def fit_minilm(
     encoder: Any,
     emb_train: np.ndarray,
@@ -126,25 +166,19 @@ def fit_minilm(
     max_tokens: int,
 ) -> Fitted:
     """A linear head on frozen, normalised MiniLM embeddings."""
-    from runners.transformer import copy_encoder, head_proba, save_head
+    from runners.transformer import copy_encoder
 
-    lr, c = _sklearn_grid_lr(emb_train, y_train, emb_val, y_val, seed, (1.0, 4.0, 16.0, 64.0))
-    weight, bias = lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64)
-
-    def raw_proba(texts: list[str]) -> np.ndarray:
-        emb = encoder.embed(texts).cpu().numpy().astype(np.float64)
-        return head_proba(emb @ weight.T + bias)
-
-    def write(directory: Path) -> None:
-        copy_encoder(directory / "encoder")
-        save_head(weight, bias, directory / "head.safetensors")
-
-    return Fitted(
+    return fit_linear_head(
+        lambda texts: encoder.embed(texts).cpu().numpy(),
+        emb_train,
+        y_train,
+        emb_val,
+        y_val,
+        seed,
         name="minilm+linear_head",
         family="transformer",
         kind="minilm_linear_head",
-        params={"C": c, "class_weight": "balanced", "encoder": "all-MiniLM-L6-v2 (frozen)"},
-        raw_proba=raw_proba,
-        write=write,
-        extra_meta={"max_tokens": max_tokens},
+        encoder="all-MiniLM-L6-v2 (frozen)",
+        write_encoder=lambda directory: copy_encoder(directory / "encoder"),
+        max_tokens=max_tokens,
     )

@@ -140,8 +140,7 @@ def optimize_int8(
     set. Raises :class:`QualityGateError` when it fails the gate."""
     from runners import load_runner
     from runners.onnx import ENCODER_FILE, TOKENIZER_FILE, OnnxEncoder
-    from runners.transformer import head_proba, save_head
-    from training.candidates import Fitted, _sklearn_grid_lr
+    from training.candidates import fit_linear_head
     from training.evaluate import selection_metric
     from training.pipeline import (
         TrainConfig,
@@ -183,28 +182,19 @@ def optimize_int8(
 
         encoder = OnnxEncoder(enc_dir, threads=cfg.n_jobs, max_tokens=max_tokens)
         emb_train, emb_val = (encoder.embed(t).astype(np.float64) for t in (t_train, t_val))
-        lr, c = _sklearn_grid_lr(emb_train, y_train, emb_val, y_val, cfg.seed, (1, 4, 16, 64))
-        weight, bias = lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64)
-
-        def raw_proba(texts: list[str]) -> np.ndarray:
-            return head_proba(encoder.embed(texts).astype(np.float64) @ weight.T + bias)
-
-        def write(directory: Path) -> None:
-            shutil.copytree(enc_dir, directory / "encoder")
-            save_head(weight, bias, directory / "head.safetensors")
-
-        fit = Fitted(
+        fit = fit_linear_head(
+            encoder.embed,
+            emb_train,
+            y_train,
+            emb_val,
+            y_val,
+            cfg.seed,
             name="minilm-int8-onnx+linear_head",
             family="onnx",
             kind="minilm_int8_linear_head",
-            params={
-                "C": c,
-                "class_weight": "balanced",
-                "encoder": f"all-MiniLM-L6-v2 from {source_tag}, ONNX, dynamic int8 (per channel)",
-            },
-            raw_proba=raw_proba,
-            write=write,
-            extra_meta={"max_tokens": max_tokens},
+            encoder=f"all-MiniLM-L6-v2 from {source_tag}, ONNX, dynamic int8 (per channel)",
+            write_encoder=lambda directory: shutil.copytree(enc_dir, directory / "encoder"),
+            max_tokens=max_tokens,
         )
         splits = {
             name: {labels[k]: int((y == k).sum()) for k in range(len(labels))}
