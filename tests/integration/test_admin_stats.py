@@ -4,36 +4,31 @@ from __future__ import annotations
 
 import json
 import subprocess
-import uuid
 
 import pytest
 
-from tests.integration.conftest import MLSERVE, forget_redis_keys
+from tests.integration.conftest import MLSERVE
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "test-admin-token-0123456789"
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture(scope="module")
 def admin_server(start_server):
-    # Two workers behind one port, sharing their cache through Redis as in production: with
-    # per-worker memory caches a repeated text is a hit only on the worker that saw it first,
-    # and which worker a reconnecting client reaches is up to the kernel.
-    prefix = f"it-stats-{uuid.uuid4().hex[:8]}"
+    # Two workers, each with its own in-memory cache. The stats test sends everything over one
+    # keep-alive connection, so its repeats reach the worker that cached the text; connection
+    # balancing is off here, since it may close that connection (after a full response) and
+    # the client's reconnect may land on the other worker, where a repeat is a miss.
     server = start_server(
         ready=True,
         MLSERVE_MODELS="sentiment:v1,topic:v1",
         MLSERVE_ADMIN_TOKEN=TOKEN,
         MLSERVE_WORKERS="2",
-        MLSERVE_REDIS_URL=REDIS_URL,
-        MLSERVE_CACHE_PREFIX=prefix,
-        MLSERVE_CONTROL_NAMESPACE=prefix,
+        MLSERVE_BALANCE_CONNECTIONS="false",
     )
     yield server
     server.stop()
-    forget_redis_keys(REDIS_URL, prefix)
 
 
 def test_admin_routes_are_off_without_a_token(default_server) -> None:
