@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.ab BEFORE_REV [AFTER_REV] --rounds 3 --duration 10
 
 Each revision is checked out into a temporary git worktree and served with
-``bentoml serve service:MLServe`` (same models from BENTOML_HOME, cache off, the same worker
+``bentoml serve service:MLServe`` (the same stored model, ``--model``, default topic:v1, from
+BENTOML_HOME, cache off, the same worker
 count). The two servers run one at a time, interleaved round by round (A B A B ...), so drift in
 machine speed hits both alike; each figure is the median over rounds. Load comes from ``hey``.
 Writes ``OUT/ab.json`` and a markdown table ``OUT/ab.md``.
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=10, help="seconds per load run")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--model", default="sentiment:v1")
+    parser.add_argument("--model", default="topic:v1")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
