@@ -172,3 +172,13 @@ def test_profile_sorts_stacks_into_parts_from_the_innermost_frame():
         "event loop (asyncio / uvloop)": 2,
         "other": 1,
     }
+
+
+def test_ab_env_options_per_variant():
+    from benchmarks import ab
+
+    env = ab.parse_env(["B:PYTHONPATH=/x=y", "A:K=1"], ["A", "B"])
+    assert env == {"A": {"K": "1"}, "B": {"PYTHONPATH": "/x=y"}}
+    for bad in ("C:K=1", "B:K", "B:=1"):
+        with pytest.raises(SystemExit):
+            ab.parse_env([bad], ["A", "B"])
