@@ -4,12 +4,14 @@
 
 Serves ``--model`` (default topic:v1) with ``bentoml serve service:MLServe`` (2 workers, cache
 off), loads ``/predict`` with ``hey`` at each client count and samples one worker with
-``py-spy record`` (``pip install py-spy``, or ``--py-spy PATH``) meanwhile, idle threads
-excluded, so every sample is CPU spent. Each sampled stack is put in the part of the first frame,
-from the innermost out, that matches one of :data:`PARTS` (a stack with no match: ``other``).
-Prints, per client count, each part's share of the worker's CPU samples and its CPU time per
-request (the worker's samples over the requests that worker answered: half of hey's total with
-2 workers); writes the raw stacks to ``OUT/profile-c{N}.txt``.
+``py-spy record --gil`` (``pip install py-spy``, or ``--py-spy PATH``) meanwhile: only samples of
+the thread holding the GIL, so every sample is the worker's Python (and GIL-holding C) work, and
+threads that wait (the model thread between batches, the heartbeat) are left out. Each sampled
+stack is put in the part of the first frame, from the innermost out, that matches one of
+:data:`PARTS` (a stack with no match: ``other``). Prints, per client count, each part's share
+of the worker's samples and its time per request (the worker's samples over the requests that
+worker answered: half of hey's total with 2 workers); writes the raw stacks to
+``OUT/profile-c{N}.txt``.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def main() -> None:
         pid = worker_pids(port)[0]
         for clients in args.clients or [32, 1]:
             raw = args.out / f"profile-c{clients}.txt"
-            spy_cmd = [args.py_spy, "record", "--pid", str(pid), "--format", "raw", "--nolineno"]
+            spy_cmd = [args.py_spy, "record", "--pid", str(pid), "--gil", "--nolineno"]
+            spy_cmd += ["--format", "raw"]
             spy_cmd += ["--rate", str(args.rate), "--duration", str(args.seconds + 1)]
             spy = subprocess.Popen(
                 [*spy_cmd, "--output", str(raw)],
