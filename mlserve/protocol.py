@@ -9,7 +9,7 @@ exhaust the worker. An ASGI middleware cannot help: the app is called only once 
 complete. BentoML exposes no setting for it either (its ``http`` / ``traffic`` options map to
 ``timeout_keep_alive``, ``timeout_graceful_shutdown`` and the request timeout).
 
-uvicorn's default is httptools when installed, else h11 (this image: h11).
+uvicorn's default is httptools when installed (a dependency of mlserve), else h11.
 :class:`HeaderTimeoutMixin` adds one timer to either: armed when the connection is made and
 again when a response completes (waiting for the next request); if it fires before a new
 request's headers are complete, the client gets ``408`` and the connection is closed. The
