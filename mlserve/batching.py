@@ -5,7 +5,9 @@ Requests for one model version are queued; a single consumer takes everything wa
 and hands each request back its own rows. Under light load a request runs at once, alone; under
 heavy load batches grow by themselves while the previous batch computes. When the last batch held
 several requests, the consumer may hold an idle model for up to ``max_latency_ms`` to fill the
-next one.
+next one, but only until it is as big as the last one (or ``max_batch_size``): the clients that
+batch answered are the ones coming back, and waiting for more than them only adds latency (with
+2 clients per worker, every batch used to wait the whole ``max_latency_ms``).
 
 Why not BentoML's ``batchable=True``: it batches only at the HTTP entry of a list-shaped API, or
 across services through ``bentoml.depends()``, whose client fails under concurrency in bentoml
@@ -115,6 +117,7 @@ class AdaptiveBatcher:
         self.background = False
         self._executor = self._new_executor()
         self._last_batch_jobs = 1
+        self._last_batch_texts = 1
         self._inflight: list[_Job] = []
         self._closed = False
 
@@ -296,12 +299,10 @@ class AdaptiveBatcher:
             await self._wake.wait()
             return
         if self.max_latency > 0 and self._last_batch_jobs > 1:
-            # Traffic is concurrent: give the batch a moment to fill.
+            # Traffic is concurrent: give the batch a moment to fill, as far as the last one.
             deadline = self._queue[0].enqueued + self.max_latency
-            while (
-                self._pending_texts() < self.max_batch_size
-                and (wait := deadline - time.perf_counter()) > 0
-            ):
+            target = min(self.max_batch_size, self._last_batch_texts)
+            while self._pending_texts() < target and (wait := deadline - time.perf_counter()) > 0:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), wait)
@@ -313,6 +314,7 @@ class AdaptiveBatcher:
         self._last_batch_jobs = len(jobs)
         start = time.perf_counter()
         texts = [t for job in jobs for t in job.texts]
+        self._last_batch_texts = len(texts)
         self._inflight = jobs
         loop = asyncio.get_running_loop()
         self._running_since = start

@@ -75,6 +75,23 @@ def test_concurrent_requests_are_batched_and_never_crossed() -> None:
     assert max(sizes) <= 16  # and never beyond the limit
 
 
+def test_the_fill_wait_ends_once_the_batch_is_as_big_as_the_last() -> None:
+    """After a batch of two requests, the next one waits for a second request (they are
+    batched together) but not for max_latency_ms (10 s here) to fill up to max_batch_size."""
+    model = LengthModel()
+    batcher = AdaptiveBatcher(model, max_batch_size=32, max_latency_ms=10_000)
+
+    async def go():
+        await asyncio.gather(batcher.submit(["a"], timeout=5), batcher.submit(["bb"], timeout=5))
+        first = asyncio.ensure_future(batcher.submit(["ccc"], timeout=5))
+        await asyncio.sleep(0.05)
+        second = batcher.submit(["dddd"], timeout=5)
+        return await asyncio.wait_for(asyncio.gather(first, second), 3)
+
+    run(go())
+    assert model.batches == [["a", "bb"], ["ccc", "dddd"]]
+
+
 def test_multi_text_requests_keep_their_rows_together_in_order() -> None:
     model = LengthModel(delay=0.01)
     batcher = AdaptiveBatcher(model, max_batch_size=10, max_latency_ms=0)
