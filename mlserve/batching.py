@@ -9,6 +9,14 @@ next one, but only until it is as big as the last one (or ``max_batch_size``): t
 batch answered are the ones coming back, and waiting for more than them only adds latency (with
 2 clients per worker, every batch used to wait the whole ``max_latency_ms``).
 
+**A lone request on a fast model** (a runner with ``inline``, such as the classical family,
+whose batches hold the GIL, so their thread runs nothing in parallel with the event loop) runs
+at once in the event loop when it has one text, nothing is queued or running, and recent
+batches took at most ``INLINE_MAX_MS`` (under load they are bigger and slower): the same model
+call, metrics and moving averages as a batch of one, without the hops to the consumer task and
+the batch thread and back. Anything bigger, or arriving while a batch runs, goes through the
+queue.
+
 Why not BentoML's ``batchable=True``: it batches only at the HTTP entry of a list-shaped API, or
 across services through ``bentoml.depends()``, whose client fails under concurrency in bentoml
 1.4.30+ (bentoml/BentoML#5540); and its dispatcher sheds load with 503s when ``max_latency_ms``
@@ -51,6 +59,9 @@ ADMISSION_HEADROOM = 0.75
 """Admit a request only if its estimated completion is within this share of its deadline (the
 rest covers the estimate's error and the HTTP path)."""
 _EWMA = 0.2
+INLINE_MAX_MS = 2.0
+"""A lone request runs inline (see the module docstring) only if recent batches took at most
+this many milliseconds: the event loop waits for it meanwhile."""
 
 
 def _lower_priority(nice: int) -> None:
@@ -98,8 +109,10 @@ class AdaptiveBatcher:
         max_queue: int = 1 << 30,
         on_reject: Callable[[str], None] | None = None,
         nice: int = 0,
+        inline: bool = False,
     ):
         self._predict = predict
+        self.inline = inline
         self.max_queue = max_queue
         self._on_reject = on_reject or (lambda reason: None)
         self._queued_texts = 0
@@ -155,6 +168,8 @@ class AdaptiveBatcher:
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._consume())
         self.admit(len(texts), timeout)
+        if self._can_inline(len(texts), timeout):
+            return self._run_inline(list(texts))
         job = _Job(list(texts), loop.create_future(), time.perf_counter() + timeout)
         self._queue.append(job)
         self._queued_texts += len(job.texts)
@@ -173,6 +188,38 @@ class AdaptiveBatcher:
                     reason="deadline",
                 ) from exc
             raise InferenceTimeoutError(f"inference did not finish within {timeout:g} s") from exc
+
+    def _can_inline(self, texts: int, timeout: float) -> bool:
+        """One text, nothing queued or running, and recent batches (of one, when traffic is
+        that light; bigger ones under load) took at most INLINE_MAX_MS."""
+        if texts != 1 or not self.inline or self.background:
+            return False
+        if self._queue or self._running_since is not None or self._batch_s is None:
+            return False  # busy, or nothing learnt yet: through the queue
+        return self._batch_s <= INLINE_MAX_MS / 1000.0 and self._batch_s * 10 <= timeout
+
+    def _run_inline(self, texts: list[str]) -> BatchSlice:
+        """Run one lone request's texts now, in the calling (event loop) thread, as a batch."""
+        start = time.perf_counter()
+        self._running_since = start
+        try:
+            result = self._predict(texts)
+        finally:
+            self._running_since = None
+        self._learn(len(texts), time.perf_counter() - start)
+        self._last_batch_jobs, self._last_batch_texts = 1, len(texts)
+        if self._on_batch:
+            try:
+                self._on_batch(len(texts), 0.0, result.timing_ms)
+            except Exception:  # metrics must never fail requests
+                self._on_error("hook")
+        return BatchSlice(
+            probabilities=result.probabilities,
+            predicted_index=result.predicted_index,
+            labels=result.labels,
+            timing_ms={"queue_ms": 0.0, **result.timing_ms},
+            batch_size=len(texts),
+        )
 
     def estimate_wait(self, texts: int) -> float:
         """Seconds until ``texts`` more texts, queued behind the current queue, are computed:

@@ -370,3 +370,91 @@ def test_a_background_batcher_computes_under_sched_idle_and_can_come_back() -> N
     assert policies[0] == (os.SCHED_OTHER, min(19, base + 5))
     assert policies[1][0] == os.SCHED_IDLE
     assert policies[2] == (os.SCHED_OTHER, min(19, base + 5))
+
+
+class ThreadModel(LengthModel):
+    """Records the thread each batch ran on."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False):
+        super().__init__(delay)
+        self.threads: list[int] = []
+        self.fail = fail
+
+    def __call__(self, texts: list[str]) -> BatchResult:
+        self.threads.append(threading.get_ident())
+        if self.fail and len(self.threads) > 1:
+            raise RuntimeError("model failed")
+        return super().__call__(texts)
+
+
+def fast(batcher: AdaptiveBatcher) -> None:
+    """What recent 1-text batches took: 0.5 ms (not the hop of a loaded test machine)."""
+    batcher._texts_per_s, batcher._batch_s = 2000.0, 0.0005
+
+
+def test_a_lone_text_on_a_fast_inline_model_runs_in_the_event_loop() -> None:
+    model = ThreadModel()
+    batches: list[int] = []
+    batcher = AdaptiveBatcher(
+        model, 8, 5, inline=True, on_batch=lambda n, queue_ms, timing: batches.append(n)
+    )
+
+    async def go():
+        first = await batcher.submit(["a"], timeout=5)  # nothing learnt yet: the batch thread
+        fast(batcher)
+        second = await batcher.submit(["bb"], timeout=5)  # inline
+        both = await asyncio.gather(batcher.submit(["c"], 5), batcher.submit(["dd", "e"], 5))
+        return first, second, both
+
+    _first, second, (_third, fourth) = run(go())
+    main = threading.get_ident()
+    assert model.threads[0] != main and model.threads[1] == main
+    assert second.probabilities[0, 1] == pytest.approx(0.002)
+    assert second.batch_size == 1 and second.timing_ms["queue_ms"] == 0.0
+    assert batches[:2] == [1, 1]  # the metrics hook sees the inline batch too
+    # The first of two concurrent requests runs inline; the second (two texts) is queued.
+    assert model.threads[2] == main and model.threads[3] != main
+    assert fourth.probabilities[:, 1] == pytest.approx([0.002, 0.001])
+
+
+def test_inline_only_for_fast_models_that_allow_it() -> None:
+    for model, kwargs in (
+        (ThreadModel(delay=0.005), {"inline": True}),  # slower than INLINE_MAX_MS
+        (ThreadModel(), {"inline": False}),
+    ):
+        batcher = AdaptiveBatcher(model, 8, 5, **kwargs)
+
+        async def go(batcher=batcher):
+            for text in ("a", "bb", "ccc"):
+                await batcher.submit([text], timeout=5)
+                if not model.delay:
+                    fast(batcher)  # fast enough: only `inline` refuses
+
+        run(go())
+        assert threading.get_ident() not in model.threads
+    shadow = ThreadModel()
+    batcher = AdaptiveBatcher(shadow, 8, 5, inline=True)
+    batcher.set_background(True)  # a shadow stays on its idle-priority thread
+
+    async def go_shadow():
+        for text in ("a", "bb"):
+            await batcher.submit([text], timeout=5)
+            fast(batcher)
+
+    run(go_shadow())
+    assert threading.get_ident() not in shadow.threads
+
+
+def test_an_inline_model_error_reaches_the_request() -> None:
+    model = ThreadModel(fail=True)
+    batcher = AdaptiveBatcher(model, 8, 5, inline=True)
+
+    async def go():
+        await batcher.submit(["a"], timeout=5)
+        fast(batcher)
+        with pytest.raises(RuntimeError, match="model failed"):
+            await batcher.submit(["bb"], timeout=5)
+        return batcher._running_since
+
+    assert run(go()) is None
+    assert model.threads[1] == threading.get_ident()
