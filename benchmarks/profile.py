@@ -1,17 +1,16 @@
-"""Where a worker's CPU goes under load: py-spy on one mlserve worker, stacks sorted into parts.
+"""Where the workers' CPU goes under load: py-spy on every mlserve worker, stacks sorted into parts.
 
     .venv/bin/python -m benchmarks.profile --clients 32 --clients 1 --seconds 10
 
 Serves ``--model`` (default topic:v1) with ``bentoml serve service:MLServe`` (2 workers, cache
-off), loads ``/predict`` with ``hey`` at each client count and samples one worker with
+off), loads ``/predict`` with ``hey`` at each client count and samples every worker with
 ``py-spy record --gil`` (``pip install py-spy``, or ``--py-spy PATH``) meanwhile: only samples of
 the thread holding the GIL, so every sample is the worker's Python (and GIL-holding C) work, and
 threads that wait (the model thread between batches, the heartbeat) are left out. Each sampled
 stack is put in the part of the first frame, from the innermost out, that matches one of
 :data:`PARTS` (a stack with no match: ``other``). Prints, per client count, each part's share
-of the worker's samples and its time per request (the worker's samples over the requests that
-worker answered: half of hey's total with 2 workers); writes the raw stacks to
-``OUT/profile-c{N}.txt``.
+of the samples and its time per request (all workers' samples over all requests); writes the
+raw stacks to ``OUT/profile-c{N}-w{worker}.txt``.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import argparse
 import collections
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -102,31 +102,40 @@ def main() -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "bentoml", "serve", "service:MLServe", "--port", str(port)]
     with server(cmd, port, env, "/ready") as url:
-        pid = worker_pids(port)[0]
+        pids = worker_pids(port)
         for clients in args.clients or [32, 1]:
-            raw = args.out / f"profile-c{clients}.txt"
-            spy_cmd = [args.py_spy, "record", "--pid", str(pid), "--gil", "--nolineno"]
-            spy_cmd += ["--format", "raw"]
-            spy_cmd += ["--rate", str(args.rate), "--duration", str(args.seconds + 1)]
-            spy = subprocess.Popen(
-                [*spy_cmd, "--output", str(raw)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(0.5)
+            raws = [args.out / f"profile-c{clients}-w{i}.txt" for i in range(len(pids))]
+            spies = []
+            for pid, raw in zip(pids, raws, strict=True):
+                spy_cmd = [args.py_spy, "record", "--pid", str(pid), "--gil", "--nolineno"]
+                spy_cmd += ["--format", "raw", "--rate", str(args.rate)]
+                spies.append(
+                    subprocess.Popen(
+                        [*spy_cmd, "--output", str(raw)],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            time.sleep(1.0)
+            started = time.perf_counter()
             r = hey(url + "/predict", body, clients, args.seconds)
-            spy.wait(60)
-            counts = breakdown(raw.read_text())
+            sampled = time.perf_counter() - started
+            for spy in spies:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+            for spy in spies:
+                spy.wait(60)
+            counts = sum((breakdown(raw.read_text()) for raw in raws), collections.Counter())
             total = sum(counts.values())
-            # The worker's CPU time per request it answered (about 1/workers of them).
-            per_request_ms = (
-                total / args.rate / (r["rps"] * args.seconds / args.workers) * 1000
-                if r["rps"]
-                else 0.0
-            )
+            # Every worker's samples over every request sent while they were taken (hey's
+            # 200-request warm-up included); the second before the load adds a few idle samples.
+            requests = r["responses"] + (200 // clients) * clients
+            per_request_ms = total / args.rate / requests * 1000 if requests else 0.0
             print(f"\n## {clients} client(s): {r}")
-            print(f"worker CPU per request it answered: {per_request_ms:.3f} ms")
-            print("| part | share | CPU us per request |\n|---|---|---|")
+            print(
+                f"GIL-holding time per request, all workers: {per_request_ms:.3f} ms "
+                f"({total} samples at {args.rate}/s over {sampled:.1f} s)"
+            )
+            print("| part | share | us per request |\n|---|---|---|")
             for name, n in counts.most_common():
                 share = n / total
                 print(f"| {name} | {share:.1%} | {share * per_request_ms * 1000:.0f} |")
