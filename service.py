@@ -11,7 +11,7 @@ from __future__ import annotations
 import bentoml
 
 from mlserve.drain import install as install_drain
-from mlserve.http import create_app
+from mlserve.http import DirectRouteMiddleware, create_app
 from mlserve.middleware import (
     API_CSP,
     HeaderLimitMiddleware,
@@ -107,3 +107,8 @@ def _docs_csp() -> str:
 MLServe.add_asgi_middleware(SecurityHeadersMiddleware, hsts=_settings.tls, docs_csp=_docs_csp())
 MLServe.add_asgi_middleware(HeaderLimitMiddleware, max_bytes=_settings.max_header_kb * 1024)
 MLServe.add_asgi_middleware(JsonNotFoundMiddleware)
+# Innermost: mlserve's plain routes straight to their handlers, past the routing layers of
+# BentoML's app and FastAPI's (mlserve.http.DirectRouteMiddleware). Not with CORS, whose
+# middleware BentoML puts below these.
+if not _settings.cors_origins:
+    MLServe.add_asgi_middleware(DirectRouteMiddleware, fastapi_app=http_app)
