@@ -88,7 +88,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
+    beside = Path(sys.executable).parent / "py-spy"  # the dev extra's, in the venv
+    default_spy = str(beside) if beside.exists() else shutil.which("py-spy") or "py-spy"
+    parser.add_argument("--py-spy", default=default_spy)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
