@@ -412,9 +412,30 @@ def test_a_lone_text_on_a_fast_inline_model_runs_in_the_event_loop() -> None:
     assert second.probabilities[0, 1] == pytest.approx(0.002)
     assert second.batch_size == 1 and second.timing_ms["queue_ms"] == 0.0
     assert batches[:2] == [1, 1]  # the metrics hook sees the inline batch too
-    # The first of two concurrent requests runs inline; the second (two texts) is queued.
-    assert model.threads[2] == main and model.threads[3] != main
+    # Two requests arriving together are batched: neither runs inline.
+    assert [sorted(b) for b in model.batches[2:]] == [["c", "dd", "e"]]
+    assert model.threads[2] != main
     assert fourth.probabilities[:, 1] == pytest.approx([0.002, 0.001])
+
+
+def test_single_texts_arriving_together_are_batched_not_run_inline_one_by_one() -> None:
+    """An inline run blocks the event loop; if each of many concurrent one-text requests found
+    the queue empty and ran inline, they would all run one after the other, unbatched."""
+    model = ThreadModel()
+    batcher = AdaptiveBatcher(model, 32, 5, inline=True)
+
+    async def go():
+        await batcher.submit(["warm"], timeout=5)
+        fast(batcher)
+        texts = ["x" * n for n in range(1, 17)]
+        outs = await asyncio.gather(*(batcher.submit([t], timeout=5) for t in texts))
+        return texts, outs
+
+    texts, outs = run(go())
+    assert threading.get_ident() not in model.threads  # none ran inline
+    assert max(len(b) for b in model.batches[1:]) > 1
+    for text, out in zip(texts, outs, strict=True):
+        assert out.probabilities[0, 1] == pytest.approx(len(text) / 1000.0)
 
 
 def test_inline_only_for_fast_models_that_allow_it() -> None:
