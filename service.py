@@ -23,7 +23,11 @@ from mlserve.settings import get_settings
 
 _settings = get_settings()
 # Imported by each worker before BentoML builds its uvicorn config: bound slow request headers.
-install_header_timeout(_settings.header_timeout_seconds)
+# With httptools, also a cap on the bytes of incomplete headers: HeaderLimitMiddleware's limit
+# plus 64 KB (it answers 431 itself for blocks a little over; this bounds what is read at all).
+install_header_timeout(
+    _settings.header_timeout_seconds, max_header_bytes=(_settings.max_header_kb + 64) * 1024
+)
 # ... and drain on SIGTERM: finish what was sent, take nothing new (mlserve.drain).
 install_drain(_settings.drain_seconds)
 _http: dict = {}
