@@ -11,7 +11,7 @@ from __future__ import annotations
 import bentoml
 
 from mlserve.drain import install as install_drain
-from mlserve.http import create_app
+from mlserve.http import DirectRouteMiddleware, create_app
 from mlserve.middleware import (
     API_CSP,
     HeaderLimitMiddleware,
@@ -23,7 +23,11 @@ from mlserve.settings import get_settings
 
 _settings = get_settings()
 # Imported by each worker before BentoML builds its uvicorn config: bound slow request headers.
-install_header_timeout(_settings.header_timeout_seconds)
+# With httptools, also a cap on the bytes of incomplete headers: HeaderLimitMiddleware's limit
+# plus 64 KB (it answers 431 itself for blocks a little over; this bounds what is read at all).
+install_header_timeout(
+    _settings.header_timeout_seconds, max_header_bytes=(_settings.max_header_kb + 64) * 1024
+)
 # ... and drain on SIGTERM: finish what was sent, take nothing new (mlserve.drain).
 install_drain(_settings.drain_seconds)
 _http: dict = {}
@@ -107,3 +111,8 @@ def _docs_csp() -> str:
 MLServe.add_asgi_middleware(SecurityHeadersMiddleware, hsts=_settings.tls, docs_csp=_docs_csp())
 MLServe.add_asgi_middleware(HeaderLimitMiddleware, max_bytes=_settings.max_header_kb * 1024)
 MLServe.add_asgi_middleware(JsonNotFoundMiddleware)
+# Innermost: mlserve's plain routes straight to their handlers, past the routing layers of
+# BentoML's app and FastAPI's (mlserve.http.DirectRouteMiddleware). Not with CORS, whose
+# middleware BentoML puts below these.
+if not _settings.cors_origins:
+    MLServe.add_asgi_middleware(DirectRouteMiddleware, fastapi_app=http_app)

@@ -10,17 +10,13 @@ import json
 import statistics
 import time
 
+from benchmarks.common import TEXT
 from runners import load_runner
-
-TEXT = (
-    "I have been taking this medication for three months. It helped my migraines a lot, "
-    "although I had some nausea during the first week."
-)
 
 
 def measure(tag: str, n_texts: int, repeat: int) -> dict[str, float]:
     runner = load_runner(tag)
-    texts = [f"{TEXT} ({i})" for i in range(n_texts)]
+    texts = [f"{TEXT} {i}" for i in range(n_texts)]
     one, batch = [], []
     for _ in range(repeat):
         t0 = time.perf_counter()

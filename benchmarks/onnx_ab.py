@@ -18,7 +18,8 @@ import json
 import statistics
 from pathlib import Path
 
-from benchmarks.bench import ROOT, TEXT, free_port, hey, server
+from benchmarks.bench import ROOT, free_port, hey, server
+from benchmarks.common import REVIEW as TEXT
 
 
 def real_review(min_words: int = 90) -> str:

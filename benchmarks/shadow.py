@@ -24,7 +24,8 @@ from pathlib import Path
 import httpx
 import yaml
 
-from benchmarks.bench import ROOT, TEXT, free_port, hey, server
+from benchmarks.bench import ROOT, free_port, hey, server
+from benchmarks.common import REVIEW as TEXT
 
 TOKEN = "shadow-bench-token-0123456789"
 SETTINGS = [

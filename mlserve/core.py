@@ -188,6 +188,7 @@ class ClassificationService:
             on_error=lambda kind: obs.observe_batcher_error(tag, kind),
             max_queue=self.settings.max_queue,
             nice=runner.cpu_nice,
+            inline=runner.inline,
             on_reject=lambda reason: obs.observe_overloaded(tag, reason),
         )
         drift = DriftMonitor.from_model_dir(

@@ -171,27 +171,60 @@ class _LazyGauge:
 MODEL_LOADED = _LazyGauge()
 
 
-def observe_batch(tag: str, n: int, queue_ms: float, timing: dict[str, float]) -> None:
+# Each request updates a handful of labelled series. Looking a child up by its label values
+# (``.labels(...)``) costs about as much as updating it, so the children of the per-request and
+# per-batch series are kept, per label values (a bounded set: route templates, status codes,
+# loaded versions and their labels). Series are never removed, so a kept child stays exported.
+
+
+@lru_cache(maxsize=1024)
+def _batch_series(tag: str) -> tuple[Any, ...]:
     m = metrics()
-    m.batch_size.labels(model_version=tag).observe(n)
-    m.inference_latency.labels(model_version=tag, stage="queue").observe(queue_ms / 1000.0)
-    for stage in ("preprocess", "model", "postprocess"):
-        m.inference_latency.labels(model_version=tag, stage=stage).observe(
-            timing.get(f"{stage}_ms", 0.0) / 1000.0
-        )
+    stages = ("queue", "preprocess", "model", "postprocess")
+    return (
+        m.batch_size.labels(model_version=tag),
+        *(m.inference_latency.labels(model_version=tag, stage=s) for s in stages),
+    )
+
+
+@lru_cache(maxsize=1024)
+def _request_series(route: str, status: int) -> tuple[Any, Any]:
+    m = metrics()
+    return m.requests.labels(route=route, status=str(status)), m.request_latency.labels(route=route)
+
+
+@lru_cache(maxsize=4096)
+def _prediction_series(tag: str, label: str) -> Any:
+    return metrics().predictions.labels(model_version=tag, label=label)
+
+
+@lru_cache(maxsize=1024)
+def _confidence_series(tag: str) -> Any:
+    return metrics().confidence.labels(model_version=tag)
+
+
+def observe_batch(tag: str, n: int, queue_ms: float, timing: dict[str, float]) -> None:
+    size, queue, preprocess, model, postprocess = _batch_series(tag)
+    size.observe(n)
+    queue.observe(queue_ms / 1000.0)
+    preprocess.observe(timing.get("preprocess_ms", 0.0) / 1000.0)
+    model.observe(timing.get("model_ms", 0.0) / 1000.0)
+    postprocess.observe(timing.get("postprocess_ms", 0.0) / 1000.0)
 
 
 def observe_request(route: str, status: int, seconds: float) -> None:
-    m = metrics()
-    m.requests.labels(route=route, status=str(status)).inc()
-    m.request_latency.labels(route=route).observe(seconds)
+    requests, latency = _request_series(route, status)
+    requests.inc()
+    latency.observe(seconds)
 
 
 def observe_predictions(tag: str, labels: list[str], confidence: Any) -> None:
-    m = metrics()
-    for label, count in collections.Counter(labels).items():
-        m.predictions.labels(model_version=tag, label=label).inc(count)
-    histogram = m.confidence.labels(model_version=tag)
+    if len(labels) == 1:
+        _prediction_series(tag, labels[0]).inc()
+    else:
+        for label, count in collections.Counter(labels).items():
+            _prediction_series(tag, label).inc(count)
+    histogram = _confidence_series(tag)
     for conf in confidence.tolist():
         histogram.observe(conf)
 

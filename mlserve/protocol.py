@@ -9,7 +9,7 @@ exhaust the worker. An ASGI middleware cannot help: the app is called only once 
 complete. BentoML exposes no setting for it either (its ``http`` / ``traffic`` options map to
 ``timeout_keep_alive``, ``timeout_graceful_shutdown`` and the request timeout).
 
-uvicorn's default is httptools when installed, else h11 (this image: h11).
+uvicorn's default is httptools when installed (a dependency of mlserve), else h11.
 :class:`HeaderTimeoutMixin` adds one timer to either: armed when the connection is made and
 again when a response completes (waiting for the next request); if it fires before a new
 request's headers are complete, the client gets ``408`` and the connection is closed. The
@@ -88,8 +88,55 @@ class HeaderTimeoutMixin:
             self.transport.close()
 
 
-def _with_header_timeout(base: type) -> type:
-    return type(f"HeaderTimeout{base.__name__}", (HeaderTimeoutMixin, base), {})
+_431 = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
+
+
+class HeaderBytesMixin:
+    """A cap on the bytes of a request's headers, for httptools' protocol.
+
+    h11 refuses a header block over 16 KB (400) as it parses; httptools keeps reading however
+    large it grows, and :class:`mlserve.middleware.HeaderLimitMiddleware` (431) sees the headers
+    only once they are complete. So bytes received while a request's headers are incomplete are
+    counted, and past ``max_header_bytes`` the client gets 431 and the connection is closed
+    (counting starts with the read after a request's first byte: the cap holds to within one
+    read).
+    """
+
+    max_header_bytes: int = (64 + 64) * 1024
+    transport: asyncio.Transport
+
+    def on_message_begin(self) -> None:
+        self._header_bytes, self._reading_headers = 0, True
+        super().on_message_begin()  # type: ignore[misc]
+
+    def on_headers_complete(self) -> None:
+        self._reading_headers = False
+        super().on_headers_complete()  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        if getattr(self, "_reading_headers", True):
+            self._header_bytes = getattr(self, "_header_bytes", 0) + len(data)
+        super().data_received(data)  # type: ignore[misc]
+        # Still inside a request's headers after this chunk (a chunk that completes them, body
+        # and all, passes): over the cap, refuse.
+        if (
+            getattr(self, "_reading_headers", True)
+            and self._header_bytes > self.max_header_bytes
+            and not self.transport.is_closing()
+        ):
+            body = (
+                b'{"error":"headers_too_large","message":"the request headers are over '
+                b'the %d byte limit"}' % self.max_header_bytes
+            )
+            self.transport.write(_431 % (len(body), body))
+            self.transport.close()
+
+
+def _with_header_timeout(base: type, *mixins: type) -> type:
+    return type(f"HeaderTimeout{base.__name__}", (*mixins, HeaderTimeoutMixin, base), {})
 
 
 from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
@@ -100,16 +147,18 @@ try:  # uvicorn's default protocol when installed (uvicorn[standard])
 except ImportError:  # only h11 here (BentoML does not require httptools)
     HeaderTimeoutHttpToolsProtocol = None
 else:
-    HeaderTimeoutHttpToolsProtocol = _with_header_timeout(HttpToolsProtocol)
+    HeaderTimeoutHttpToolsProtocol = _with_header_timeout(HttpToolsProtocol, HeaderBytesMixin)
 HeaderTimeoutAutoProtocol = HeaderTimeoutHttpToolsProtocol or HeaderTimeoutH11Protocol
 
 
-def install(header_timeout: float) -> None:
+def install(header_timeout: float, max_header_bytes: int | None = None) -> None:
     """Make uvicorn's ``auto``, ``h11`` and ``httptools`` protocols bound request headers to
-    ``header_timeout`` seconds."""
+    ``header_timeout`` seconds (and, with httptools, to ``max_header_bytes``)."""
     import uvicorn.config
 
     HeaderTimeoutMixin.header_timeout = header_timeout
+    if max_header_bytes is not None:
+        HeaderBytesMixin.max_header_bytes = max_header_bytes
     protocols = {
         "auto": "HeaderTimeoutAutoProtocol",
         "h11": "HeaderTimeoutH11Protocol",

@@ -56,6 +56,10 @@ class Runner(abc.ABC):
     cpu_nice: int = 0
     """Scheduling priority of this model's batch thread (a nice increment). A heavy model on
     the CPU runs below the event loop and the light models, so its flood cannot starve them."""
+    inline: bool = False
+    """A lone request may run in the event loop itself when the model is fast (see
+    mlserve.batching, INLINE_MAX_MS): true for models that hold the GIL while they compute, for
+    which the batch thread brings no parallelism, only the hop to it and back."""
 
     def __init__(self, model: StoredModel):
         self.model = model

@@ -178,6 +178,8 @@ class ClassicalRunner(Runner):
     """Serves TF-IDF models with scikit-learn, XGBoost or LightGBM estimators."""
 
     family = "classical"
+    # The TF-IDF analyzers are Python code: the batch thread holds the GIL while it computes.
+    inline = True
 
     def load(self) -> None:
         meta, path = self.model.metadata, self.model.path

@@ -200,10 +200,12 @@ JSON = {"Content_Type": "application/json"}
             "bad_request",
         ),
         (
+            # Refused while it arrives: h11 answered 400 past 16 KB, with httptools the
+            # protocol's cap on incomplete headers answers 431 (mlserve.protocol).
             "a 1 MB header",
             b"GET /health HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n",
-            400,
-            "",
+            431,
+            "headers_too_large",
         ),
         (
             "a 70 KB header",

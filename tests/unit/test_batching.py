@@ -75,6 +75,23 @@ def test_concurrent_requests_are_batched_and_never_crossed() -> None:
     assert max(sizes) <= 16  # and never beyond the limit
 
 
+def test_the_fill_wait_ends_once_the_batch_is_as_big_as_the_last() -> None:
+    """After a batch of two requests, the next one waits for a second request (they are
+    batched together) but not for max_latency_ms (10 s here) to fill up to max_batch_size."""
+    model = LengthModel()
+    batcher = AdaptiveBatcher(model, max_batch_size=32, max_latency_ms=10_000)
+
+    async def go():
+        await asyncio.gather(batcher.submit(["a"], timeout=5), batcher.submit(["bb"], timeout=5))
+        first = asyncio.ensure_future(batcher.submit(["ccc"], timeout=5))
+        await asyncio.sleep(0.05)
+        second = batcher.submit(["dddd"], timeout=5)
+        return await asyncio.wait_for(asyncio.gather(first, second), 3)
+
+    run(go())
+    assert model.batches == [["a", "bb"], ["ccc", "dddd"]]
+
+
 def test_multi_text_requests_keep_their_rows_together_in_order() -> None:
     model = LengthModel(delay=0.01)
     batcher = AdaptiveBatcher(model, max_batch_size=10, max_latency_ms=0)
@@ -353,3 +370,112 @@ def test_a_background_batcher_computes_under_sched_idle_and_can_come_back() -> N
     assert policies[0] == (os.SCHED_OTHER, min(19, base + 5))
     assert policies[1][0] == os.SCHED_IDLE
     assert policies[2] == (os.SCHED_OTHER, min(19, base + 5))
+
+
+class ThreadModel(LengthModel):
+    """Records the thread each batch ran on."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False):
+        super().__init__(delay)
+        self.threads: list[int] = []
+        self.fail = fail
+
+    def __call__(self, texts: list[str]) -> BatchResult:
+        self.threads.append(threading.get_ident())
+        if self.fail and len(self.threads) > 1:
+            raise RuntimeError("model failed")
+        return super().__call__(texts)
+
+
+def fast(batcher: AdaptiveBatcher) -> None:
+    """What recent 1-text batches took: 0.5 ms (not the hop of a loaded test machine)."""
+    batcher._texts_per_s, batcher._batch_s = 2000.0, 0.0005
+
+
+def test_a_lone_text_on_a_fast_inline_model_runs_in_the_event_loop() -> None:
+    model = ThreadModel()
+    batches: list[int] = []
+    batcher = AdaptiveBatcher(
+        model, 8, 5, inline=True, on_batch=lambda n, queue_ms, timing: batches.append(n)
+    )
+
+    async def go():
+        first = await batcher.submit(["a"], timeout=5)  # nothing learnt yet: the batch thread
+        fast(batcher)
+        second = await batcher.submit(["bb"], timeout=5)  # inline
+        both = await asyncio.gather(batcher.submit(["c"], 5), batcher.submit(["dd", "e"], 5))
+        return first, second, both
+
+    _first, second, (_third, fourth) = run(go())
+    main = threading.get_ident()
+    assert model.threads[0] != main and model.threads[1] == main
+    assert second.probabilities[0, 1] == pytest.approx(0.002)
+    assert second.batch_size == 1 and second.timing_ms["queue_ms"] == 0.0
+    assert batches[:2] == [1, 1]  # the metrics hook sees the inline batch too
+    # Two requests arriving together are batched: neither runs inline.
+    assert [sorted(b) for b in model.batches[2:]] == [["c", "dd", "e"]]
+    assert model.threads[2] != main
+    assert fourth.probabilities[:, 1] == pytest.approx([0.002, 0.001])
+
+
+def test_single_texts_arriving_together_are_batched_not_run_inline_one_by_one() -> None:
+    """An inline run blocks the event loop; if each of many concurrent one-text requests found
+    the queue empty and ran inline, they would all run one after the other, unbatched."""
+    model = ThreadModel()
+    batcher = AdaptiveBatcher(model, 32, 5, inline=True)
+
+    async def go():
+        await batcher.submit(["warm"], timeout=5)
+        fast(batcher)
+        texts = ["x" * n for n in range(1, 17)]
+        outs = await asyncio.gather(*(batcher.submit([t], timeout=5) for t in texts))
+        return texts, outs
+
+    texts, outs = run(go())
+    assert threading.get_ident() not in model.threads  # none ran inline
+    assert max(len(b) for b in model.batches[1:]) > 1
+    for text, out in zip(texts, outs, strict=True):
+        assert out.probabilities[0, 1] == pytest.approx(len(text) / 1000.0)
+
+
+def test_inline_only_for_fast_models_that_allow_it() -> None:
+    for model, kwargs in (
+        (ThreadModel(delay=0.005), {"inline": True}),  # slower than INLINE_MAX_MS
+        (ThreadModel(), {"inline": False}),
+    ):
+        batcher = AdaptiveBatcher(model, 8, 5, **kwargs)
+
+        async def go(batcher=batcher):
+            for text in ("a", "bb", "ccc"):
+                await batcher.submit([text], timeout=5)
+                if not model.delay:
+                    fast(batcher)  # fast enough: only `inline` refuses
+
+        run(go())
+        assert threading.get_ident() not in model.threads
+    shadow = ThreadModel()
+    batcher = AdaptiveBatcher(shadow, 8, 5, inline=True)
+    batcher.set_background(True)  # a shadow stays on its idle-priority thread
+
+    async def go_shadow():
+        for text in ("a", "bb"):
+            await batcher.submit([text], timeout=5)
+            fast(batcher)
+
+    run(go_shadow())
+    assert threading.get_ident() not in shadow.threads
+
+
+def test_an_inline_model_error_reaches_the_request() -> None:
+    model = ThreadModel(fail=True)
+    batcher = AdaptiveBatcher(model, 8, 5, inline=True)
+
+    async def go():
+        await batcher.submit(["a"], timeout=5)
+        fast(batcher)
+        with pytest.raises(RuntimeError, match="model failed"):
+            await batcher.submit(["bb"], timeout=5)
+        return batcher._running_since
+
+    assert run(go()) is None
+    assert model.threads[1] == threading.get_ident()

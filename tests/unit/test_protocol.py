@@ -76,3 +76,42 @@ def test_complete_requests_are_not_affected(port: int) -> None:
                 got += chunk
             assert got.startswith(b"HTTP/1.1 200 ")
             time.sleep(0.3)  # under the timeout between requests
+
+
+def test_headers_over_the_byte_cap_get_431_and_the_connection_is_closed(
+    port: int, monkeypatch
+) -> None:
+    """httptools reads headers however large they grow (h11 stops at 16 KB): the protocol caps
+    the bytes of incomplete headers and answers 431 past the cap, long before the timeout."""
+    if protocol.HeaderTimeoutHttpToolsProtocol is None:
+        pytest.skip("httptools is not installed")
+    monkeypatch.setattr(protocol.HeaderBytesMixin, "max_header_bytes", 64 * 1024)
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        got = b""
+        try:
+            for _ in range(64):  # up to 4 MB of one header, never completed
+                sock.sendall(b"a" * 65536)
+        except OSError:  # the server closed the connection: the cap worked
+            pass
+        while chunk := sock.recv(4096):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 431 "), got[:200]
+    assert b'"error":"headers_too_large"' in got
+    assert time.monotonic() - start < 0.5  # not the header timeout (0.5 s here)
+
+
+def test_a_request_with_ordinary_headers_and_a_body_passes_the_cap(port: int, monkeypatch) -> None:
+    if protocol.HeaderTimeoutHttpToolsProtocol is None:
+        pytest.skip("httptools is not installed")
+    monkeypatch.setattr(protocol.HeaderBytesMixin, "max_header_bytes", 64 * 1024)
+    body = b"x" * (512 * 1024)  # the body does not count towards the cap
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        for _ in range(2):  # and the next request on the same connection too
+            sock.sendall(request + body)
+            got = b""
+            while b"ok" not in got:
+                got += sock.recv(4096)
+            assert got.startswith(b"HTTP/1.1 200 "), got[:200]
