@@ -435,9 +435,11 @@ def cross_validate(
     folds: list[tuple[np.ndarray, np.ndarray]],
     labels: list[str],
     cfg: TrainConfig,
+    fraction: float = 1.0,
 ) -> dict[str, Any]:
     """Mean, standard deviation and per-fold values of :data:`CV_METRICS` for ``kind`` (see
-    :data:`CV_PROTOCOL`)."""
+    :data:`CV_PROTOCOL`). ``fraction`` < 1 trains each fold on that stratified share of its
+    training part only (for a learning curve); the held-out parts stay whole."""
     import time
     from dataclasses import replace
 
@@ -449,9 +451,16 @@ def cross_validate(
     )
     scores: dict[str, list[float]] = {m: [] for m in CV_METRICS}
     for fit_pos, held_pos in folds:
+        if fraction < 1.0:
+            fit_pos, _ = train_test_split(
+                fit_pos, train_size=fraction, stratify=y[fit_pos], random_state=cfg.seed
+            )
+        # The validation share (as train_test_split rounds it), at least one per class.
+        share = cfg.val_size / (1 - cfg.test_size)
+        n_val = max(len(np.unique(y[fit_pos])), int(np.ceil(share * len(fit_pos))))
         inner_train, inner_val = train_test_split(
             fit_pos,
-            test_size=cfg.val_size / (1 - cfg.test_size),
+            test_size=n_val,
             stratify=y[fit_pos],
             random_state=cfg.seed,
         )

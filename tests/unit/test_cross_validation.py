@@ -111,3 +111,15 @@ def test_cross_validation_is_off_with_zero_folds() -> None:
     stored = save_result(run, run.results[0], "unit-cv:v2", run.reason(run.results[0]), None, True)
     card = (stored.path / "report" / "model_card.md").read_text()
     assert "Cross-validation" not in card and "| n/a |" in card
+
+
+def test_the_learning_curve_trains_on_growing_shares_of_each_fold() -> None:
+    from training.learning_curve import learning_curve
+
+    points = learning_curve(
+        tiny_dataset(), "logreg", TrainConfig(candidates=("logreg",), cv_folds=3), (0.6, 1.0)
+    )
+    assert [p["fraction"] for p in points] == [0.6, 1.0]
+    assert points[0]["fit_examples"] < points[1]["fit_examples"]
+    for p in points:
+        assert len(p["f1_macro"]["folds"]) == 3 and 0.0 <= p["f1_macro"]["mean"] <= 1.0
