@@ -154,7 +154,8 @@ texts, truncated to {ft["max_tokens"]} tokens): class-weighted cross-entropy, Ad
 batches of {ft["batch_size"]}, at most {ft["max_epochs"]} epochs with early stopping on
 validation macro-F1 (patience {ft["patience"]}); seed {ft["seed"]}, deterministic algorithms,
 {ft["threads"]} threads on {ft["device"]}. It took {ft["seconds"]} s; the weights of epoch
-{ft["best_epoch"]} were kept. Learning curve (epoch 0: the head on the frozen encoder):
+{ft["best_epoch"]} were kept. Served head: {ft.get("head", "the fine-tuned one")}. Learning
+curve (epoch 0: the head on the frozen encoder):
 
 | epoch | training loss | validation macro-F1 (argmax) | seconds |
 |---|---|---|---|

@@ -80,7 +80,8 @@ def test_saved_in_safe_files_with_fine_tuned_weights_and_metadata(ft_tag: str) -
     assert meta["preprocessing"]["max_tokens"] == 16
     assert meta["fine_tuning"]["learning_curve"]
     card = (model.path / "report" / "model_card.md").read_text()
-    assert "## Fine-tuning" in card and "Learning curve" in card
+    assert "## Fine-tuning" in card and "| epoch | training loss |" in card
+    assert "refitted after fine-tuning" in meta["fine_tuning"]["head"]
 
 
 def test_the_transformer_runner_reproduces_the_training_probabilities(ft_run, ft_tag) -> None:
