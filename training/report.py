@@ -106,13 +106,74 @@ Saved because its macro-F1 is within {gate["max_f1_drop"]} of the float model's.
 """
 
 
+def _cv(candidate: dict, metric: str) -> str:
+    cv = candidate.get("cv")
+    if not cv:
+        return "n/a"
+    return f"{_fmt(cv[metric]['mean'])} ± {_fmt(cv[metric]['std'])}"
+
+
+def _cross_validation(meta: dict) -> str:
+    cv = meta.get("cross_validation")
+    if not cv:
+        return ""
+    rows = "\n".join(
+        f"| {c['name']} | {_cv(c, 'f1_macro')} | {_cv(c, 'pr_auc')} | {_cv(c, 'accuracy')}"
+        f" | {_cv(c, 'ece')} | {', '.join(_fmt(v) for v in c['cv']['f1_macro']['folds'])}"
+        f" | {c['cv']['seconds']} |"
+        for c in meta["candidates"]
+        if c.get("cv")
+    )
+    return f"""## Cross-validation (model selection)
+
+{cv["folds"]}-fold stratified cross-validation on train+validation ({cv["n"]} examples, folds of
+{cv["fold_sizes"]}, seed {cv["seed"]}); mean ± {cv["std"]}. {cv["protocol"]}
+{cv["finetune_protocol"]}
+
+| candidate | CV macro-F1 | CV PR-AUC | CV accuracy | CV ECE | macro-F1 per fold | seconds |
+|---|---|---|---|---|---|---|
+{rows}
+
+"""
+
+
+def _fine_tuning(meta: dict) -> str:
+    ft = meta.get("fine_tuning")
+    if not ft:
+        return ""
+    curve = "\n".join(
+        f"| {p['epoch']} | {p.get('train_loss', 'n/a')} | {_fmt(p['val_f1_macro'])}"
+        f" | {p.get('seconds', 'n/a')} |"
+        for p in ft["learning_curve"]
+    )
+    return f"""## Fine-tuning
+
+MiniLM fine-tuned end to end with its linear head on the training split ({ft["train_size"]}
+texts, truncated to {ft["max_tokens"]} tokens): class-weighted cross-entropy, AdamW (encoder
+{ft["encoder_lr"]}, head {ft["head_lr"]}, weight decay {ft["weight_decay"]}, linear decay),
+batches of {ft["batch_size"]}, at most {ft["max_epochs"]} epochs with early stopping on
+validation macro-F1 (patience {ft["patience"]}); seed {ft["seed"]}, deterministic algorithms,
+{ft["threads"]} threads on {ft["device"]}. It took {ft["seconds"]} s; the weights of epoch
+{ft["best_epoch"]} were kept. Served head: {ft.get("head", "the fine-tuned one")}. Learning
+curve (epoch 0: the head on the frozen encoder):
+
+| epoch | training loss | validation macro-F1 (argmax) | seconds |
+|---|---|---|---|
+{curve}
+
+"""
+
+
 def model_card(meta: dict) -> str:
     """A short markdown model card from the model's metadata."""
     test = meta["metrics"]["test"]
+    metric = meta["selection"]["metric"]
     rows = "\n".join(
-        f"| {c['name']} | {c['calibration']} | {_fmt(c['validation'][meta['selection']['metric']])}"
+        f"| {c['name']} | {c['calibration']} | {_cv(c, metric)} | {_cv(c, 'f1_macro')}"
+        f" | {_fmt(c['validation'][metric])}"
         f" | {_fmt(c['test']['accuracy'])} | {_fmt(c['test']['f1_macro'])}"
         f" | {_fmt(c['test']['pr_auc'])} | {_fmt(c['test']['ece'])}"
+        f" | {c.get('train_seconds', 'n/a')}"
         f" | {c['speed']['ms_per_text_batch1']} | {c['speed']['ms_per_text_batch32']} |"
         for c in meta["candidates"]
     )
@@ -144,14 +205,16 @@ def model_card(meta: dict) -> str:
 
 ## Candidates
 
-| candidate | calibration | validation {meta["selection"]["metric"]} | test accuracy | test macro-F1 | test PR-AUC | test ECE | ms/text @1 | ms/text @32 |
-|---|---|---|---|---|---|---|---|---|
+| candidate | calibration | CV {metric} | CV macro-F1 | validation {metric} | test accuracy | test macro-F1 | test PR-AUC | test ECE | training s | ms/text @1 | ms/text @32 |
+|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
 Baseline on the same split, {meta["baseline"]["name"]}: test accuracy
 {_fmt(meta["baseline"]["test"]["accuracy"])}, macro-F1 {_fmt(meta["baseline"]["test"]["f1_macro"])}.
 
-{_quality_gate(meta)}## Intended use and limits
+The test split is the final figure: it played no part in fitting, calibrating or picking.
+
+{_cross_validation(meta)}{_fine_tuning(meta)}{_quality_gate(meta)}## Intended use and limits
 
 Served by mlserve. Inputs are cleaned with the stored configuration
 ({meta["preprocessing"]["cleaning"]}); texts longer than the feature extractor's limit are

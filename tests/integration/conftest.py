@@ -1,8 +1,10 @@
 """Fixtures for the serving tests: real models trained on real data, and real bentoml servers.
 
 * ``model_home``: a temporary ``BENTOML_HOME`` holding ``sentiment:v1`` (TF-IDF + logistic
-  regression on drugsCom), ``sentiment:v2`` (MiniLM head on drugsCom) and ``topic:v1`` (TF-IDF +
-  logistic regression on BBC News), each trained by ``mlserve train`` in a subprocess. Set
+  regression on drugsCom), ``sentiment:v2`` (the better of the demo's two MiniLM candidates on
+  drugsCom by cross-validation, frozen or fine-tuned: the fine-tuned one), ``sentiment:v3``
+  (its int8 variant) and ``topic:v1`` (TF-IDF + logistic regression on BBC News), each trained
+  by ``mlserve train`` in a subprocess, with the demo's 5-fold cross-validation. Set
   ``MLSERVE_IT_MODEL_HOME`` to a folder to keep the store between runs (tags it already holds are
   not trained again).
 * ``start_server(**env)``: starts ``bentoml serve service:MLServe`` on a free port with that store
@@ -41,13 +43,21 @@ BENTOML = str(BIN / "bentoml")
 # tag -> `mlserve train` arguments
 MODELS: dict[str, list[str]] = {
     "sentiment:v1": ["--data", "drugscom", "--candidates", "logreg", "--family", "classical"],
-    "sentiment:v2": ["--data", "drugscom", "--candidates", "minilm", "--family", "transformer"],
+    # The demo's transformer candidates: frozen MiniLM + head, and MiniLM fine-tuned end to end.
+    "sentiment:v2": [
+        "--data",
+        "drugscom",
+        "--candidates",
+        "minilm,minilm_ft",
+        "--family",
+        "transformer",
+    ],
     "topic:v1": ["--data", "bbc_news", "--candidates", "logreg"],
     # The int8 ONNX variant of sentiment:v2 (`mlserve optimize`), made after it.
     "sentiment:v3": ["optimize", "sentiment:v2", "--as", "sentiment:v3"],
 }
 ALL_TAGS = "sentiment:v1,sentiment:v2,topic:v1"  # the default server (v3: test_onnx.py)
-TRAIN_TIMEOUT_S = 900
+TRAIN_TIMEOUT_S = 1500  # fine-tuning MiniLM takes some 5 minutes on 2 cores
 HEALTH_TIMEOUT_S = 90
 READY_TIMEOUT_S = 120
 
