@@ -98,27 +98,29 @@ def test_the_transformer_runner_reproduces_the_training_probabilities(ft_run, ft
     assert np.allclose(served, result.test_probs, atol=1e-5)
 
 
-def test_fine_tuning_is_deterministic() -> None:
+def _tune(seed: int, head: tuple[np.ndarray, np.ndarray], **cfg: int) -> ft.FineTuned:
+    """Fine-tune the packaged encoder on the tiny data set: even rows train, odd rows validate."""
     from runners.transformer import packaged_encoder_dir
 
     ds = tiny_dataset()
     y = np.array([ds.classes.index(label) for label in ds.labels])
+    return ft.finetune(
+        packaged_encoder_dir(),
+        ds.texts[::2],
+        y[::2],
+        ds.texts[1::2],
+        y[1::2],
+        3,
+        seed=seed,
+        max_tokens=16,
+        init_head=head,
+        cfg=FineTuneConfig(**cfg),
+    )
+
+
+def test_fine_tuning_is_deterministic() -> None:
     head = (np.zeros((3, 384)), np.zeros(3))
-    runs = [
-        ft.finetune(
-            packaged_encoder_dir(),
-            ds.texts[::2],
-            y[::2],
-            ds.texts[1::2],
-            y[1::2],
-            3,
-            seed=7,
-            max_tokens=16,
-            init_head=head,
-            cfg=FineTuneConfig(max_epochs=1, patience=1),
-        )
-        for _ in range(2)
-    ]
+    runs = [_tune(7, head, max_epochs=1, patience=1) for _ in range(2)]
     a, b = (dict(r.model.state_dict()) for r in runs)
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
@@ -126,24 +128,9 @@ def test_fine_tuning_is_deterministic() -> None:
 
 
 def test_early_stopping_keeps_the_best_epoch(monkeypatch) -> None:
-    from runners.transformer import packaged_encoder_dir
-
     scores = iter([0.5, 0.6, 0.55, 0.58, 0.9, 0.9])  # epoch 0, 1, 2, 3, ...
     monkeypatch.setattr(ft, "macro_f1", lambda *args: next(scores))
-    ds = tiny_dataset()
-    y = np.array([ds.classes.index(label) for label in ds.labels])
-    tuned = ft.finetune(
-        packaged_encoder_dir(),
-        ds.texts[::2],
-        y[::2],
-        ds.texts[1::2],
-        y[1::2],
-        3,
-        seed=1,
-        max_tokens=16,
-        init_head=(np.zeros((3, 384)), np.zeros(3)),
-        cfg=FineTuneConfig(max_epochs=6, patience=2),
-    )
+    tuned = _tune(1, (np.zeros((3, 384)), np.zeros(3)), max_epochs=6, patience=2)
     # Epochs 2 and 3 do not beat epoch 1: it stops there, with epoch 1's weights.
     assert [h["val_f1_macro"] for h in tuned.history] == [0.5, 0.6, 0.55, 0.58]
     assert tuned.best_epoch == 1
@@ -154,21 +141,8 @@ def test_no_better_epoch_keeps_the_frozen_encoder(monkeypatch) -> None:
 
     scores = iter([0.9, 0.5, 0.6])
     monkeypatch.setattr(ft, "macro_f1", lambda *args: next(scores))
-    ds = tiny_dataset()
-    y = np.array([ds.classes.index(label) for label in ds.labels])
     head = (np.arange(3 * 384, dtype=float).reshape(3, 384) / 1e4, np.array([0.1, 0.2, 0.3]))
-    tuned = ft.finetune(
-        packaged_encoder_dir(),
-        ds.texts[::2],
-        y[::2],
-        ds.texts[1::2],
-        y[1::2],
-        3,
-        seed=1,
-        max_tokens=16,
-        init_head=head,
-        cfg=FineTuneConfig(max_epochs=5, patience=2),
-    )
+    tuned = _tune(1, head, max_epochs=5, patience=2)
     assert tuned.best_epoch == 0 and len(tuned.history) == 3
     assert np.allclose(tuned.weight, head[0], atol=1e-6)
     assert np.allclose(tuned.bias, head[1], atol=1e-6)
