@@ -6,38 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 
+from benchmarks.budget import call as asgi_call
 from mlserve.http import DirectRouteMiddleware, create_app
 
 
 def call(app, method: str, path: str, body: bytes = b"") -> tuple[int, dict, bytes]:
-    headers = [(b"host", b"test")]
-    if body:
-        headers += [(b"content-type", b"application/json")]
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": headers,
-        "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 3000),
-        "state": {},
-    }
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        return messages.pop() if messages else {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    asyncio.run(app(scope, receive, send))
+    """One request through ``app``: its status, headers and body."""
+    sent = asyncio.run(asgi_call(app, path, body, method))
     start = sent[0]
     body_out = b"".join(m.get("body", b"") for m in sent[1:])
     return start["status"], dict(start["headers"]), body_out
