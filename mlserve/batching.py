@@ -96,6 +96,17 @@ class BatchSlice:
     batch_size: int
 
 
+def _slice(result: BatchResult, offset: int, n: int, queue_ms: float, size: int) -> BatchSlice:
+    """One request's ``n`` rows, from ``offset``, of the ``result`` of a batch of ``size``."""
+    return BatchSlice(
+        probabilities=result.probabilities[offset : offset + n],
+        predicted_index=result.predicted_index[offset : offset + n],
+        labels=result.labels,
+        timing_ms={"queue_ms": queue_ms, **result.timing_ms},
+        batch_size=size,
+    )
+
+
 class AdaptiveBatcher:
     """Queue + single consumer for one model version (one per worker process)."""
 
@@ -220,20 +231,9 @@ class AdaptiveBatcher:
             result = self._predict(texts)
         finally:
             self._running_since = None
-        self._learn(len(texts), time.perf_counter() - start)
         self._last_batch_jobs, self._last_batch_texts = 1, len(texts)
-        if self._on_batch:
-            try:
-                self._on_batch(len(texts), 0.0, result.timing_ms)
-            except Exception:  # metrics must never fail requests
-                self._on_error("hook")
-        return BatchSlice(
-            probabilities=result.probabilities,
-            predicted_index=result.predicted_index,
-            labels=result.labels,
-            timing_ms={"queue_ms": 0.0, **result.timing_ms},
-            batch_size=len(texts),
-        )
+        self._done(len(texts), time.perf_counter() - start, 0.0, result.timing_ms)
+        return _slice(result, 0, len(texts), 0.0, len(texts))
 
     def estimate_wait(self, texts: int) -> float:
         """Seconds until ``texts`` more texts, queued behind the current queue, are computed:
@@ -386,25 +386,22 @@ class AdaptiveBatcher:
             return
         finally:
             self._running_since = None
-        self._learn(len(texts), time.perf_counter() - start)
+        seconds = time.perf_counter() - start
         queue_ms = [(start - job.enqueued) * 1000.0 for job in jobs]
         offset = 0
         for job, waited in zip(jobs, queue_ms, strict=True):
             n = len(job.texts)
             if not job.future.done():
-                job.future.set_result(
-                    BatchSlice(
-                        probabilities=result.probabilities[offset : offset + n],
-                        predicted_index=result.predicted_index[offset : offset + n],
-                        labels=result.labels,
-                        timing_ms={"queue_ms": waited, **result.timing_ms},
-                        batch_size=len(texts),
-                    )
-                )
+                job.future.set_result(_slice(result, offset, n, waited, len(texts)))
             offset += n
+        self._done(len(texts), seconds, max(queue_ms), result.timing_ms)
+
+    def _done(self, n: int, seconds: float, queue_ms: float, timing: dict[str, float]) -> None:
+        """After a batch of ``n`` texts (queued or inline): learn its speed, call the hook."""
+        self._learn(n, seconds)
         if self._on_batch:
             try:
-                self._on_batch(len(texts), max(queue_ms), result.timing_ms)
+                self._on_batch(n, queue_ms, timing)
             except Exception:  # metrics must never fail requests or the consumer
                 self._on_error("hook")
 
