@@ -90,7 +90,13 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
 
     app = service.MLServe.to_asgi(is_main=True)
     await start(app)
-    body = json.dumps({"text": TEXT, "model_version": args.model}).encode()
+    if args.texts > 1:
+        texts = [f"{TEXT} {i}" for i in range(args.texts)]
+        route, payload = "/batch-predict", {"texts": texts, "model_version": args.model}
+    else:
+        texts = [TEXT]
+        route, payload = "/predict", {"text": TEXT, "model_version": args.model}
+    body = json.dumps(payload).encode()
     for _ in range(600):
         if (await call(app, "/ready", method="GET"))[0]["status"] == 200:
             break
@@ -100,7 +106,6 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
     core = service._core
     name, version = args.model.split(":")
     model = core.registry.get(name, version)
-    texts = [TEXT]
     cleaned = model.runner.clean(texts)
     loop = asyncio.get_running_loop()
     executor = model.batcher._executor
@@ -109,17 +114,18 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
         model.runner.infer(cleaned)
 
     layers = {
-        "whole app: POST /predict": lambda: call(app, "/predict", body),
+        f"whole app: POST {route}": lambda: call(app, route, body),
         "whole app: GET /health": lambda: call(app, "/health", method="GET"),
-        "FastAPI app (mlserve.http): POST /predict": lambda: call(
-            service.http_app, "/predict", body
-        ),
+        f"FastAPI app (mlserve.http): POST {route}": lambda: call(service.http_app, route, body),
         "core.classify": lambda: core.classify(texts, args.model),
         "batcher.submit": lambda: model.batcher.submit(cleaned, 10.0),
         "model on its thread (run_in_executor)": lambda: loop.run_in_executor(
             executor, model.runner.infer, cleaned
         ),
         "model inline": inline,
+        "runner.predict (clean + model, as benchmarks.inprocess)": lambda: asyncio.sleep(
+            0, model.runner.predict(texts)
+        ),
         "empty hop to the model thread and back": lambda: loop.run_in_executor(executor, int),
     }
     samples: dict[str, list[float]] = {k: [] for k in layers}
@@ -139,6 +145,9 @@ def main() -> None:
     parser.add_argument("--model", default="topic:v1")
     parser.add_argument("--n", type=int, default=500, help="calls per pass")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--texts", type=int, default=1, help="texts per request (> 1: POST /batch-predict)"
+    )
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = parser.parse_args()
     os.environ.update(
@@ -162,7 +171,7 @@ def main() -> None:
         with contextlib.suppress(Exception):
             loop.close()
         os.dup2(stderr, 2)
-    print(f"| layer ({args.loop}) | us per request |\n|---|---|")
+    print(f"| layer ({args.loop}, {args.texts} text(s)) | us per request |\n|---|---|")
     for label, us in result.items():
         print(f"| {label} | {us:.0f} |")
     sys.stdout.flush()

@@ -59,9 +59,13 @@ ADMISSION_HEADROOM = 0.75
 """Admit a request only if its estimated completion is within this share of its deadline (the
 rest covers the estimate's error and the HTTP path)."""
 _EWMA = 0.2
-INLINE_MAX_MS = 2.0
+INLINE_MAX_MS = 5.0
 """A lone request runs inline (see the module docstring) only if recent batches took at most
-this many milliseconds: the event loop waits for it meanwhile."""
+this many milliseconds: the event loop waits for it meanwhile. The same as CPython's default GIL
+switch interval (5 ms): an inline model holds the GIL in its batch thread too, so the event loop
+got a turn at most that often while it ran there. (It was 2 ms, measured on a fast core; on a
+core three times slower, the benchmark model's 3.4 ms per text sent every lone request through
+the thread, 0.7 ms more a request.)"""
 
 
 def _lower_priority(nice: int) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
-from tests.integration.conftest import MLSERVE
+from tests.integration.conftest import MLSERVE, REPO
 
 pytestmark = pytest.mark.integration
 
@@ -50,3 +51,23 @@ def test_table_output_and_unknown_model(model_env, tmp_path) -> None:
     missing = run_benchmark(["nosuchmodel", "5"], model_env, tmp_path)
     assert missing.returncode != 0
     assert "Traceback" not in missing.stderr and "nosuchmodel" in missing.stderr
+
+
+def test_paired_batch_share_against_a_server(default_server, model_env, tmp_path) -> None:
+    """benchmarks.inprocess --serve, as benchmarks.bench drives it in each round: the runner
+    alone, then served batches alternating with in-process ones on the same texts."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.inprocess", "topic:v1", "--texts", "10", "--serve"],
+        input=f"measure\npaired {default_server.url}/batch-predict 3\n",
+        env=model_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded, alone, paired = (json.loads(line) for line in proc.stdout.strip().splitlines())
+    assert loaded == {"loaded": "topic:v1"}
+    assert alone["batch_texts_per_s"] > 0 and alone["unbatched_texts_per_s"] > 0
+    assert paired["pairs"] == 3 and paired["served_ms"] > 0 and paired["in_process_ms"] > 0
+    assert paired["share"] == pytest.approx(paired["in_process_ms"] / paired["served_ms"], abs=1e-3)

@@ -440,7 +440,7 @@ def test_single_texts_arriving_together_are_batched_not_run_inline_one_by_one() 
 
 def test_inline_only_for_fast_models_that_allow_it() -> None:
     for model, kwargs in (
-        (ThreadModel(delay=0.005), {"inline": True}),  # slower than INLINE_MAX_MS
+        (ThreadModel(delay=0.02), {"inline": True}),  # slower than INLINE_MAX_MS
         (ThreadModel(), {"inline": False}),
     ):
         batcher = AdaptiveBatcher(model, 8, 5, **kwargs)
