@@ -12,7 +12,13 @@ from the outside in, each the median of ``--repeat`` interleaved passes of ``--n
 - ``ClassificationService.classify`` (validation, cleaning, the registry, the batcher, metrics,
   drift window);
 - the batcher alone (queue, consumer task, the hop to the model thread and back);
-- the model on its thread (``run_in_executor``), the model inline, and an empty executor hop.
+- the model on its thread (``run_in_executor``), the model inline, and an empty executor hop;
+- for comparison, the plain FastAPI app of ``benchmarks.bench`` (``benchmarks/fastapi_app.py``:
+  the same runner in a sync route, so one hop to its thread pool) and the runner's own
+  ``predict`` (cleaning and model), which ``benchmarks.inprocess`` times.
+
+``--texts N`` (N > 1) times ``POST /batch-predict`` with N texts instead (the plain FastAPI row
+still sends one text).
 
 The differences between rows are what each layer adds. What this leaves out (the HTTP parser,
 the socket and the client) is the rest of a served request's latency at one client.
@@ -113,6 +119,10 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
     async def inline() -> None:
         model.runner.infer(cleaned)
 
+    os.environ["BENCH_MODEL"] = args.model
+    from benchmarks import fastapi_app  # the comparison's plain FastAPI app, same runner
+
+    plain_body = json.dumps({"text": TEXT}).encode()
     layers = {
         f"whole app: POST {route}": lambda: call(app, route, body),
         "whole app: GET /health": lambda: call(app, "/health", method="GET"),
@@ -123,6 +133,9 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
             executor, model.runner.infer, cleaned
         ),
         "model inline": inline,
+        "plain FastAPI app (benchmarks.fastapi_app): POST /predict, 1 text": lambda: call(
+            fastapi_app.app, "/predict", plain_body
+        ),
         "runner.predict (clean + model, as benchmarks.inprocess)": lambda: asyncio.sleep(
             0, model.runner.predict(texts)
         ),
