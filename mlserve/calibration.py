@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+from scipy.special import expit
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
@@ -89,7 +90,9 @@ class Calibrator:
             if not p:
                 out[:, k] = col
             elif self.method == "sigmoid":
-                out[:, k] = 1.0 / (1.0 + np.exp(-(p["a"][0] * _logit(col) + p["b"][0])))
+                # expit: the logistic function without exp's overflow warning for a large
+                # negative argument (training printed one per fold; the value was right, 0).
+                out[:, k] = expit(p["a"][0] * _logit(col) + p["b"][0])
             else:
                 out[:, k] = np.interp(col, p["x"], p["y"])
         total = out.sum(axis=1, keepdims=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.special import expit
 
 from mlserve.calibration import Calibrator
 from mlserve.errors import ServiceUnavailableError
@@ -110,7 +111,7 @@ class MiniLMEncoder:
 def head_proba(logits: np.ndarray) -> np.ndarray:
     """Softmax for k > 1 outputs; for one output (binary), ``[1 - sigmoid, sigmoid]``."""
     if logits.shape[1] == 1:
-        p = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+        p = expit(logits[:, 0])
         return np.column_stack([1 - p, p])
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)

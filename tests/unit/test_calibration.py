@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,3 +189,13 @@ def test_choose_method_with_a_singleton_class_does_not_cross_validate() -> None:
     assert best in METHODS
     assert set(scores) == set(METHODS)
     assert all(np.isfinite(v) for v in scores.values())
+
+
+def test_sigmoid_map_saturates_without_overflow_warnings():
+    """A steep map (large ``a``) on a near-0 probability used to overflow ``exp`` and warn, once
+    per fold in training's output; the value is the same, 0 or 1, without the warning."""
+    cal = Calibrator("sigmoid", [{"a": [900.0], "b": [0.0]}, {"a": [1.0], "b": [0.0]}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = cal.transform(np.array([[1e-9, 1 - 1e-9], [0.5, 0.5]]))
+    np.testing.assert_allclose(out, [[0.0, 1.0], [0.5, 0.5]], atol=1e-12)
