@@ -8,7 +8,13 @@ import pytest
 from mlserve.store import model_exists, open_model
 from runners import load_runner
 from tests.unit.test_runners import tiny_dataset
-from training.optimize import QualityGateError, optimize_int8
+from training.optimize import (
+    QualityGateError,
+    export_encoder,
+    has_vnni,
+    optimize_int8,
+    quantize_int8,
+)
 from training.pipeline import TrainConfig, save_result, train
 
 TEXTS = [
@@ -110,3 +116,35 @@ def test_providers_fall_back_to_the_cpu(monkeypatch) -> None:
     monkeypatch.setattr(ort, "get_available_providers", lambda: both)
     assert providers("auto") == both
     assert providers("cpu") == ["CPUExecutionProvider"]
+
+
+def test_vnni_is_read_from_the_cpu_flags() -> None:
+    flags = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma {}\n\n"
+    assert has_vnni(flags.format("avx512f avx512_vnni")) is True
+    assert has_vnni(flags.format("avx_vnni")) is True
+    assert has_vnni(flags.format("avx512f avx512bw")) is False  # AVX-512 before VNNI
+    assert has_vnni(flags.format("")) is False  # AVX2 only
+
+
+def test_without_vnni_the_feed_forward_outputs_stay_float(float_tag: str, tmp_path) -> None:
+    """On an x86 CPU without VNNI the FFN output projections are left in float (their inputs
+    saturate VPMADDUBSW); with VNNI every MatMul with a weight is quantised."""
+    import onnx
+
+    model = open_model(float_tag)
+    src = tmp_path / "float.onnx"
+    export_encoder(model.path / "encoder", src, int(model.metadata["preprocessing"]["max_tokens"]))
+    names = [n.name for n in onnx.load(str(src)).graph.node if n.op_type == "MatMul"]
+    ffn_out = [n for n in names if "/output/dense/" in n and "/attention/" not in n]
+    assert len(ffn_out) == 6  # MiniLM-L6: one per layer
+
+    kept = quantize_int8(src, tmp_path / "no-vnni.onnx", vnni=False)
+    assert sorted(kept) == sorted(ffn_out)
+    graph = onnx.load(str(tmp_path / "no-vnni.onnx")).graph
+    still_float = {n.name for n in graph.node if n.op_type == "MatMul"}
+    assert set(ffn_out) <= still_float
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)
+
+    assert quantize_int8(src, tmp_path / "vnni.onnx", vnni=True) == []
+    graph = onnx.load(str(tmp_path / "vnni.onnx")).graph
+    assert not set(ffn_out) & {n.name for n in graph.node if n.op_type == "MatMul"}
