@@ -70,4 +70,5 @@ def test_paired_batch_share_against_a_server(default_server, model_env, tmp_path
     assert loaded == {"loaded": "topic:v1"}
     assert alone["batch_texts_per_s"] > 0 and alone["unbatched_texts_per_s"] > 0
     assert paired["pairs"] == 3 and paired["served_ms"] > 0 and paired["in_process_ms"] > 0
-    assert paired["share"] == pytest.approx(paired["in_process_ms"] / paired["served_ms"], abs=1e-3)
+    # The times are rounded to 0.01 ms and the share to 0.001, so they agree only roughly.
+    assert paired["share"] == pytest.approx(paired["in_process_ms"] / paired["served_ms"], rel=0.02)
