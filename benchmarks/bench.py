@@ -58,7 +58,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import TEXT
+from benchmarks.common import TEXT, batch_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = (1, 4, 16, 32, 64, 128)
@@ -417,7 +417,7 @@ def contenders(args: argparse.Namespace, workdir: Path) -> list[Contender]:
     }
     bento = [py, "-m", "bentoml", "serve", "service:MLServe", "--host", "127.0.0.1"]
     batch_body = {
-        "texts": [f"{TEXT} {i}" for i in range(BATCH_TEXTS)],
+        "texts": batch_texts(BATCH_TEXTS),
         "model_version": args.model,
     }
     out = [

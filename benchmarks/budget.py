@@ -92,12 +92,12 @@ async def start(app) -> None:
 
 async def measure(args: argparse.Namespace) -> dict[str, float]:
     import service
-    from benchmarks.common import TEXT
+    from benchmarks.common import TEXT, batch_texts
 
     app = service.MLServe.to_asgi(is_main=True)
     await start(app)
     if args.texts > 1:
-        texts = [f"{TEXT} {i}" for i in range(args.texts)]
+        texts = batch_texts(args.texts)
         route, payload = "/batch-predict", {"texts": texts, "model_version": args.model}
     else:
         texts = [TEXT]

@@ -11,6 +11,13 @@ TEXT = (
     "the central bank raised interest rates for the third time this year, saying that "
     "inflation was still too high and that growth would slow over the coming months"
 )
+
+
+def batch_texts(n: int) -> list[str]:
+    """The texts of an ``n``-text batch: TEXT numbered, so no two are the same."""
+    return [f"{TEXT} {i}" for i in range(n)]
+
+
 # The 25-word drug review of the sentiment benchmarks (benchmarks.onnx_ab, benchmarks.shadow).
 REVIEW = (
     "I have been taking this medication for three months. It helped my migraines a lot, "

@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.parse
 
-from benchmarks.common import TEXT
+from benchmarks.common import batch_texts
 from runners import load_runner
 
 
@@ -30,7 +30,7 @@ def measure(tag: str, n_texts: int, repeat: int) -> dict[str, float]:
 
 
 def measure_runner(runner, n_texts: int, repeat: int) -> dict[str, float]:
-    texts = [f"{TEXT} {i}" for i in range(n_texts)]
+    texts = batch_texts(n_texts)
     one, batch = [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -50,7 +50,7 @@ def measure_runner(runner, n_texts: int, repeat: int) -> dict[str, float]:
 def measure_paired(runner, url: str, tag: str, n_texts: int, pairs: int) -> dict[str, float]:
     """Alternately one served batch (a keep-alive connection; the body encoded once, the answer
     read whole but not decoded) and one in-process batch of the same texts; the medians."""
-    texts = [f"{TEXT} {i}" for i in range(n_texts)]
+    texts = batch_texts(n_texts)
     body = json.dumps({"texts": texts, "model_version": tag}).encode()
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)

@@ -64,7 +64,7 @@ INLINE_MAX_MS = 5.0
 this many milliseconds: the event loop waits for it meanwhile. The same as CPython's default GIL
 switch interval (5 ms): an inline model holds the GIL in its batch thread too, so the event loop
 got a turn at most that often while it ran there. (It was 2 ms, measured on a fast core; on a
-core three times slower, the benchmark model's 3.4 ms per text sent every lone request through
+core four times slower, the benchmark model's 3.4 ms per text sent every lone request through
 the thread, 0.7 ms more a request.)"""
 
 
