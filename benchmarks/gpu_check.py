@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.inprocess import TEXT
+from benchmarks.common import TEXT
 
 TEXTS = [
     "Works.",
