@@ -68,7 +68,7 @@ rm -rf "$COVERAGE_DATA_DIR" && mkdir -p "$COVERAGE_DATA_DIR"
 
 echo "==> pytest"
 set +e
-.venv/bin/python -m pytest -q "${@:-tests}"
+.venv/bin/python -m pytest -q --durations=25 "${@:-tests}"
 status=$?
 set -e
 unset COVERAGE_PROCESS_START

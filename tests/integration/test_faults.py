@@ -53,6 +53,7 @@ class Load:
         self.body = body or {"text": TEXT}
         self.statuses: collections.Counter = collections.Counter()
         self.log: list[tuple[float, object]] = []  # (time, status) of every non-200
+        self.bodies: list[str] = []  # the first few non-200 bodies, to say why
         self.slowest = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -62,8 +63,11 @@ class Load:
         with httpx.Client(base_url=self.url, timeout=30.0) as client:
             while not self._stop.is_set():
                 start = time.monotonic()
+                body = ""
                 try:
-                    status: object = client.post("/predict", json=self.body).status_code
+                    response = client.post("/predict", json=self.body)
+                    status: object = response.status_code
+                    body = response.text[:300]
                 except httpx.HTTPError as exc:
                     status = f"error:{type(exc).__name__}"
                 with self._lock:
@@ -71,6 +75,8 @@ class Load:
                     self.slowest = max(self.slowest, time.monotonic() - start)
                     if status != 200:
                         self.log.append((time.monotonic(), status))
+                        if len(self.bodies) < 5:
+                            self.bodies.append(f"{status}: {body}")
 
     @property
     def ok(self) -> int:
@@ -255,7 +261,7 @@ def test_redis_unreachable_at_start_then_back(start_server, tmp_path: Path) -> N
                 with httpx.Client(base_url=server.url, timeout=30) as fresh:
                     answer = fresh.post("/predict", json={"text": TEXT})
                 assert answer.json()["model_version"] == "sentiment:v2"
-        assert load.failed == 0, load.statuses
+        assert load.failed == 0, (load.statuses, load.bodies)
     finally:
         if server is not None:
             server.stop()
@@ -351,7 +357,7 @@ def test_a_broken_model_at_start_is_reported_and_the_others_serve(
             assert body["ready"] is False
             assert body["models"] == {"sentiment:v1": "ready", "topic:v1": "failed"}
             assert "topic:v1" in body["errors"] and body["errors"]["topic:v1"]
-        assert load.ok > 0 and load.failed == 0, load.statuses
+        assert load.ok > 0 and load.failed == 0, (load.statuses, load.bodies)
         assert topic.status_code == 404, topic.text
     finally:
         server.stop()
@@ -437,7 +443,7 @@ def test_an_unwritable_audit_log_refuses_admin_changes_and_predictions_go_on(
                 ), body
             assert all("topic:v1" not in w["loaded"] for w in state["workers"].values())
             assert topic.status_code == 404
-            assert load.ok > 0 and load.failed == 0, load.statuses
+            assert load.ok > 0 and load.failed == 0, (load.statuses, load.bodies)
         finally:
             server.stop()
 
@@ -527,7 +533,7 @@ def test_slow_clients_are_dropped_and_the_others_served(start_server) -> None:
         assert kinds == {"closed": SLOW}, (kinds, out[:2], out[-2:])
         assert all(got.startswith(b"HTTP/1.1 408") for _, got, _ in out), out[:5]
         assert max(took for _, _, took in out) < 12.0
-        assert load.failed == 0 and load.ok > 0, load.statuses
+        assert load.failed == 0 and load.ok > 0, (load.statuses, load.bodies)
         assert load.slowest < 5.0, load.slowest
     finally:
         server.stop()

@@ -479,3 +479,48 @@ def test_an_inline_model_error_reaches_the_request() -> None:
 
     assert run(go()) is None
     assert model.threads[1] == threading.get_ident()
+
+
+def test_a_slow_first_batch_does_not_refuse_the_requests_that_follow() -> None:
+    """The first batch ran on a starved CPU (0.6 s for one text), then the model is fast. 16
+    clients arrive at once with a 2 s deadline: by that one batch, the 16th would wait 8 s, yet
+    all 16 fit in the next batch, and a young estimate refuses none of them."""
+    model = LengthModel(delay=0.6)
+    reasons: list[str] = []
+    batcher = AdaptiveBatcher(model, max_batch_size=32, max_latency_ms=0, on_reject=reasons.append)
+
+    async def go():
+        await batcher.submit(["cold"], timeout=5)
+        model.delay = 0.0
+        return await asyncio.gather(
+            *[batcher.submit([f"t{i}"], timeout=2.0) for i in range(16)], return_exceptions=True
+        )
+
+    results = run(go())
+    assert not [r for r in results if isinstance(r, BaseException)] and reasons == []
+    assert batcher._learnt >= 2 and batcher._texts_per_s > 2 * (1 / 0.6)
+
+
+def test_once_warm_the_estimate_refuses_what_fits_in_one_batch_but_not_in_time() -> None:
+    """After WARM_BATCHES batches the estimate is trusted: a request whose wait it puts past the
+    deadline is refused at once even when the queue is shorter than one batch."""
+    from mlserve.batching import WARM_BATCHES
+    from mlserve.errors import OverloadedError
+
+    model = LengthModel(delay=0.2)
+    reasons: list[str] = []
+    batcher = AdaptiveBatcher(model, max_batch_size=32, max_latency_ms=0, on_reject=reasons.append)
+
+    async def go():
+        for i in range(WARM_BATCHES):
+            await batcher.submit([f"w{i}"], timeout=5)  # 5 texts/s, learnt
+        running = asyncio.create_task(batcher.submit(["a"], timeout=5))
+        await asyncio.sleep(0.01)  # "a" is on the model now
+        queued = [asyncio.create_task(batcher.submit([f"q{i}"], timeout=5)) for i in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError):  # ~0.2 + 4/5 s > 0.75 of 1 s
+            await batcher.submit(["late"], timeout=1.0)
+        await asyncio.gather(running, *queued)
+
+    run(go())
+    assert reasons == ["deadline"]
