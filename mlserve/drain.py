@@ -72,19 +72,19 @@ class DrainState:
 STATE = DrainState()
 
 
-def stop_new_connections(sock: Any) -> bool:
+def stop_new_connections(sock: Any) -> str | None:
     """Attach a drop-everything filter to listening socket ``sock``: no new handshake completes,
-    while the connections already queued stay queued for ``accept``. False where unsupported."""
+    while the connections already queued stay queued for ``accept``. Returns None, or why it
+    could not (it logs nothing: it runs in a signal handler)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return f"not supported on {sys.platform}"
     insn = ctypes.create_string_buffer(_DROP_ALL, len(_DROP_ALL))
     program = struct.pack("HxxxxxxQ", 1, ctypes.addressof(insn))  # struct sock_fprog
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
     except OSError as exc:
-        log.warning("could not stop new connections on the listener: %s", exc)
-        return False
-    return True
+        return str(exc)
+    return None
 
 
 def accept_queue_length(sock: Any) -> int:
@@ -114,16 +114,20 @@ class WorkerDrain:
         self.seconds = seconds
         self.state = state or STATE
         self._idle_since: dict[Any, tuple[Any, float]] = {}
+        self._unfiltered: list[str] = []  # why a listener could not be closed to new connections
 
     def listeners(self) -> list[Any]:
         return [sock for srv in getattr(self.server, "servers", []) for sock in srv.sockets]
 
     def start(self) -> None:
+        """The part that runs in the signal handler: plain assignments and a system call only.
+        A handler runs between two bytecodes of the main thread, which may hold a lock at that
+        moment (prometheus_client's one lock for every multiprocess value, say, in a request's
+        counter update): taking it here would deadlock the worker. Metrics wait for :meth:`run`
+        (measured: a worker under load froze on SIGTERM and answered nothing more)."""
         self.state.draining = True
         self.state.started = time.monotonic()
-        _set_draining_metric(True)
-        for sock in self.listeners():
-            stop_new_connections(sock)
+        self._unfiltered = [e for e in map(stop_new_connections, self.listeners()) if e]
 
     def _close_idle(self, now: float) -> None:
         connections = list(self.server.server_state.connections)
@@ -148,6 +152,9 @@ class WorkerDrain:
         return queued, len(self.server.server_state.connections)
 
     async def run(self) -> None:
+        _set_draining_metric(True)  # on the event loop, never in the signal handler
+        for error in self._unfiltered:
+            log.warning("could not stop new connections on the listener: %s", error)
         deadline = self.state.started + max(0.5, self.seconds - FORCE_MARGIN_SECONDS)
         log.warning("draining: /ready is 503, no new connections, finishing open ones")
         forced = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -21,7 +22,7 @@ def test_the_listener_filter_refuses_new_handshakes_but_keeps_the_queue() -> Non
     try:
         time.sleep(0.05)
         assert drain.accept_queue_length(listener) == 2
-        assert drain.stop_new_connections(listener)
+        assert drain.stop_new_connections(listener) is None
         with pytest.raises(TimeoutError):  # the SYN goes unanswered
             socket.create_connection(("127.0.0.1", port), timeout=0.3)
         accepted = [listener.accept()[0] for _ in queued]  # the queued ones are still there
@@ -155,3 +156,45 @@ def test_install_drains_on_the_first_signal_and_forces_on_the_second(monkeypatch
         assert server._captured_signals == [signal.SIGTERM, signal.SIGTERM]
     finally:
         uvicorn.server.Server.handle_exit = original
+
+
+def test_the_signal_handler_takes_no_lock_the_interrupted_code_may_hold(monkeypatch) -> None:
+    """A signal handler runs between two bytecodes of the main thread: if that thread is inside
+    a metric update (prometheus_client's value lock, not reentrant) when SIGTERM comes, a
+    handler that sets the draining gauge deadlocks the worker (CI: a worker under load froze
+    on SIGTERM). The handler only marks the drain; the gauge is set on the event loop."""
+    from prometheus_client import REGISTRY
+
+    from mlserve import observability as obs
+
+    monkeypatch.setattr(drain, "STATE", drain.DrainState())
+    server = uvicorn.Server(uvicorn.Config(_app, log_config=None))
+    server.servers = []
+    lock = obs.metrics().draining._value._lock
+    original = uvicorn.server.Server.handle_exit
+
+    async def go():
+        with lock:  # the interrupted code holds it
+            handled = threading.Thread(
+                target=drain.handle_exit,
+                args=(server, signal.SIGTERM, None),
+                kwargs={"seconds": 5, "original": original},
+            )
+            # Same thread in production; here another thread stands for it, and a handler that
+            # waits on the lock shows as a thread still running.
+            handled.start()
+            handled.join(2)
+            assert not handled.is_alive(), "the signal handler waited for a lock"
+        assert drain.STATE.draining
+        while not hasattr(server, "_mlserve_drain"):
+            await asyncio.sleep(0)  # the drain task starts on the loop
+        await server._mlserve_drain
+        return REGISTRY.get_sample_value("mlserve_draining")
+
+    monkeypatch.setattr(drain.asyncio, "_get_running_loop", lambda: loop)
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(go()) == 1.0
+    finally:
+        loop.close()
+        obs.observe_draining(False)
