@@ -524,3 +524,15 @@ def test_once_warm_the_estimate_refuses_what_fits_in_one_batch_but_not_in_time()
 
     run(go())
     assert reasons == ["deadline"]
+
+
+def test_a_request_already_past_its_deadline_is_refused_even_by_a_young_estimate() -> None:
+    from mlserve.errors import OverloadedError
+
+    batcher = AdaptiveBatcher(LengthModel(), max_batch_size=32, max_latency_ms=0)
+
+    async def go():
+        with pytest.raises(OverloadedError):  # nothing learnt yet, and no time left
+            await batcher.submit(["late"], timeout=-0.0005)
+
+    run(go())
