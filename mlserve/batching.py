@@ -65,10 +65,9 @@ _EWMA = 0.2
 WARM_BATCHES = 5
 """The moving averages are a guess until this many batches were learnt from: meanwhile they
 follow every batch by half, faster or slower, and admission takes a request that fits in the next
-batch to wait for one batch time at most. (CI once refused 12 of some 1,200 requests from 16
-clients on a fresh server's classical model with 503 overloaded; the likely cause, reproduced in
-tests/unit/test_batching.py: a first batch run on a starved CPU, trusted alone, and extrapolated
-to every text in the queue.)"""
+batch to wait for one batch time at most: a first batch run on a starved CPU, trusted alone and
+extrapolated to every queued text, would refuse requests that the next batch serves
+(tests/unit/test_batching.py)."""
 INLINE_MAX_MS = 5.0
 """A lone request runs inline (see the module docstring) only if recent batches took at most
 this many milliseconds: the event loop waits for it meanwhile. The same as CPython's default GIL

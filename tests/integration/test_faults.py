@@ -343,8 +343,12 @@ def test_a_broken_model_at_start_is_reported_and_the_others_serve(
         with server.client() as client:
 
             def settled():
-                r = client.get("/ready")
-                return r if "loading" not in r.text and "pending" not in r.text else None
+                # Each answer is one worker's view: ask on 20 new connections in a row, so that
+                # both workers have finished loading (CI: the Load met the other worker still
+                # loading, 503 "no model is loaded yet").
+                answers = [client.get("/ready", headers={"connection": "close"}) for _ in range(20)]
+                done = all("loading" not in r.text and "pending" not in r.text for r in answers)
+                return answers[-1] if done else None
 
             ready = wait_until(settled, 90, "the start-up loads to finish", 0.25)
             with Load(server.url) as load:
