@@ -42,13 +42,9 @@ class FineTuneConfig:
     length_quantile: float = 0.99
     """Truncate to the token length that covers this share of the training texts (rounded up
     to a multiple of 16, never over the configured ``max_tokens``)."""
-    frozen_layers: int = 0
-    """Keep the embeddings and the encoder's first this many transformer layers as pretrained
-    (no gradient flows through them, so a step costs less); 0 trains the whole encoder."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "frozen_layers": self.frozen_layers,
             "max_epochs": self.max_epochs,
             "patience": self.patience,
             "batch_size": self.batch_size,
@@ -153,20 +149,6 @@ def _pad(tokenizer: Any, rows: list[list[int]], device: Any) -> tuple[Any, Any]:
     return ids, mask
 
 
-def _freeze(model: Any, layers: int) -> list[Any]:
-    """Stop gradients into ``model``'s embeddings and first ``layers`` transformer layers (a
-    BERT-style encoder: ``embeddings``, ``encoder.layer``); return those modules."""
-    if layers <= 0:
-        return []
-    blocks = list(model.encoder.layer)
-    if layers > len(blocks):
-        raise ValueError(f"frozen_layers={layers}, but the encoder has {len(blocks)} layers")
-    modules = [model.embeddings, *blocks[:layers]]
-    for module in modules:
-        module.requires_grad_(False)
-    return modules
-
-
 def macro_f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
     from sklearn.metrics import f1_score
 
@@ -203,7 +185,6 @@ def finetune(
         tokenizer = AutoTokenizer.from_pretrained(source_dir, local_files_only=True)
         model = AutoModel.from_pretrained(source_dir, local_files_only=True, use_safetensors=True)
         model.to(dev)
-        frozen = _freeze(model, cfg.frozen_layers)
         head = torch.nn.Linear(model.config.hidden_size, init_head[0].shape[0]).to(dev)
         with torch.no_grad():
             head.weight.copy_(torch.as_tensor(init_head[0], dtype=torch.float32))
@@ -220,10 +201,9 @@ def finetune(
         )
         y_t = torch.as_tensor(y_train, dtype=torch.long, device=dev)
         steps = cfg.max_epochs * math.ceil(len(train_ids) / cfg.batch_size)
-        trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             [
-                {"params": trainable, "lr": cfg.encoder_lr},
+                {"params": list(model.parameters()), "lr": cfg.encoder_lr},
                 {"params": list(head.parameters()), "lr": cfg.head_lr},
             ],
             weight_decay=cfg.weight_decay,
@@ -253,8 +233,6 @@ def finetune(
         for epoch in range(1, cfg.max_epochs + 1):
             t0 = time.perf_counter()
             model.train()
-            for module in frozen:
-                module.eval()  # no dropout where nothing learns: the pretrained features
             total, seen = 0.0, 0
             for batch in _batches(lengths, cfg.batch_size, rng):
                 ids, mask = _pad(tokenizer, [train_ids[i] for i in batch], dev)
@@ -269,7 +247,9 @@ def finetune(
                     loss = torch.nn.functional.cross_entropy(logits, target, weight=class_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable + list(head.parameters()), 1.0)
+                torch.nn.utils.clip_grad_norm_(
+                    list(model.parameters()) + list(head.parameters()), 1.0
+                )
                 optimizer.step()
                 schedule.step()
                 total += float(loss.detach()) * len(batch)

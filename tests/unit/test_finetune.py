@@ -154,28 +154,6 @@ def test_no_better_epoch_keeps_the_frozen_encoder(monkeypatch) -> None:
     )
 
 
-def test_frozen_layers_stay_pretrained_and_the_layers_above_learn(monkeypatch) -> None:
-    """frozen_layers=4: the embeddings and layers 0-3 keep their pretrained weights (kept as the
-    best epoch: every epoch scores higher), layers 4 and 5 change; too many layers is refused."""
-    from transformers import AutoModel
-
-    from runners.transformer import packaged_encoder_dir
-
-    scores = iter([0.1, 0.5])
-    monkeypatch.setattr(ft, "macro_f1", lambda *args: next(scores))
-    tuned = _tune(3, (np.zeros((3, 384)), np.zeros(3)), max_epochs=1, patience=1, frozen_layers=4)
-    assert tuned.best_epoch == 1
-    pretrained = AutoModel.from_pretrained(packaged_encoder_dir(), use_safetensors=True)
-    before, after = pretrained.state_dict(), tuned.model.state_dict()
-    same = {k for k in after if np.array_equal(after[k].numpy(), before[k].numpy())}
-    frozen = [k for k in after if k.startswith("embeddings.") or k.split(".")[2] in "0123"]
-    assert frozen and set(frozen) <= same
-    learnt = [k for k in after if k.startswith(("encoder.layer.4.", "encoder.layer.5."))]
-    assert learnt and not set(learnt) & same
-    with pytest.raises(ValueError, match="frozen_layers=7"):
-        ft._freeze(pretrained, 7)
-
-
 def test_deterministic_restores_the_global_torch_settings() -> None:
     import torch
 
