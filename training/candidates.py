@@ -264,6 +264,7 @@ def fit_minilm_ft(
         "threads": threads,
         "max_tokens": max_tokens,
         "best_epoch": tuned.best_epoch,
+        "precision_used": tuned.precision,
         "learning_curve": tuned.history,
         "seconds": tuned.seconds,
         "train_size": len(t_train),

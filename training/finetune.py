@@ -42,6 +42,12 @@ class FineTuneConfig:
     length_quantile: float = 0.99
     """Truncate to the token length that covers this share of the training texts (rounded up
     to a multiple of 16, never over the configured ``max_tokens``)."""
+    precision: str = "auto"
+    """The training steps' arithmetic: ``fp32``, ``bf16`` (mixed precision: the forward pass
+    under bfloat16 autocast, the weights, gradients, optimiser and loss in float32), or
+    ``auto``: bf16 where the device computes it natively (a CPU with AVX-512 BF16 or AMX, a
+    GPU that supports it), fp32 elsewhere, where emulated bf16 would be slower. Validation,
+    the head refit and serving always run in float32."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +58,7 @@ class FineTuneConfig:
             "head_lr": self.head_lr,
             "weight_decay": self.weight_decay,
             "length_quantile": self.length_quantile,
+            "precision": self.precision,
         }
 
 
@@ -65,6 +72,7 @@ class FineTuned:
     bias: np.ndarray
     max_tokens: int
     best_epoch: int
+    precision: str = "fp32"
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -149,6 +157,22 @@ def _pad(tokenizer: Any, rows: list[list[int]], device: Any) -> tuple[Any, Any]:
     return ids, mask
 
 
+def training_precision(requested: str, device: str) -> str:
+    """``fp32`` or ``bf16``: what ``requested`` (``auto``, ``fp32``, ``bf16``) means on
+    ``device``."""
+    if requested not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {requested!r}")
+    if requested != "auto":
+        return requested
+    import torch
+
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device == "cpu":
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return "fp32"
+
+
 def macro_f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
     from sklearn.metrics import f1_score
 
@@ -179,6 +203,7 @@ def finetune(
     from transformers import AutoModel, AutoTokenizer
 
     cfg = cfg or FineTuneConfig()
+    precision = training_precision(cfg.precision, device)
     started = time.perf_counter()
     with deterministic(seed, threads):
         dev = torch.device(device)
@@ -236,7 +261,9 @@ def finetune(
             total, seen = 0.0, 0
             for batch in _batches(lengths, cfg.batch_size, rng):
                 ids, mask = _pad(tokenizer, [train_ids[i] for i in batch], dev)
-                logits = head(_pool(model, ids, mask))
+                with torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16"):
+                    logits = head(_pool(model, ids, mask))
+                logits = logits.float()  # the loss in float32
                 target = y_t[torch.as_tensor(batch, device=dev)]
                 if logits.shape[1] == 1:
                     w = class_weight[target]
@@ -299,6 +326,7 @@ def finetune(
         bias=bias,
         max_tokens=max_tokens,
         best_epoch=best_epoch,
+        precision=precision,
         history=history,
         seconds=round(time.perf_counter() - started, 1),
     )

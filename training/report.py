@@ -137,6 +137,13 @@ def _cross_validation(meta: dict) -> str:
 """
 
 
+def _precision(ft: dict) -> str:
+    used = ft.get("precision_used", "fp32")
+    if used == "bf16":
+        return "bfloat16 mixed precision (forward pass under autocast; weights, optimiser and loss in float32)"
+    return "float32"
+
+
 def _fine_tuning(meta: dict) -> str:
     ft = meta.get("fine_tuning")
     if not ft:
@@ -153,7 +160,7 @@ texts, truncated to {ft["max_tokens"]} tokens): class-weighted cross-entropy, Ad
 {ft["encoder_lr"]}, head {ft["head_lr"]}, weight decay {ft["weight_decay"]}, linear decay),
 batches of {ft["batch_size"]}, at most {ft["max_epochs"]} epochs with early stopping on
 validation macro-F1 (patience {ft["patience"]}); seed {ft["seed"]}, deterministic algorithms,
-{ft["threads"]} threads on {ft["device"]}. It took {ft["seconds"]} s; the weights of epoch
+{ft["threads"]} threads on {ft["device"]}, training steps in {_precision(ft)}. It took {ft["seconds"]} s; the weights of epoch
 {ft["best_epoch"]} were kept. Served head: {ft.get("head", "the fine-tuned one")}. Learning
 curve (epoch 0: the head on the frozen encoder):
 

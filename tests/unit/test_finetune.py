@@ -98,7 +98,7 @@ def test_the_transformer_runner_reproduces_the_training_probabilities(ft_run, ft
     assert np.allclose(served, result.test_probs, atol=1e-5)
 
 
-def _tune(seed: int, head: tuple[np.ndarray, np.ndarray], **cfg: int) -> ft.FineTuned:
+def _tune(seed: int, head: tuple[np.ndarray, np.ndarray], **cfg: int | str) -> ft.FineTuned:
     """Fine-tune the packaged encoder on the tiny data set: even rows train, odd rows validate."""
     from runners.transformer import packaged_encoder_dir
 
@@ -125,6 +125,36 @@ def test_fine_tuning_is_deterministic() -> None:
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
     assert np.array_equal(runs[0].weight, runs[1].weight)
+
+
+def test_training_precision_resolves_auto_by_the_device() -> None:
+    import torch
+
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert ft.training_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert ft.training_precision("auto", "mps") == "fp32"
+    assert ft.training_precision("fp32", "cpu") == "fp32"
+    assert ft.training_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        ft.training_precision("fp16", "cpu")
+
+
+def test_bf16_fine_tuning_is_mixed_precision_deterministic_and_float32_weights(
+    monkeypatch,
+) -> None:
+    scores = iter([0.1, 0.9] * 3)  # each run keeps its trained epoch 1
+    monkeypatch.setattr(ft, "macro_f1", lambda *args: next(scores))
+    # A non-zero head, so that the encoder gets a gradient from the first step.
+    head = (np.random.default_rng(0).normal(0, 0.1, (3, 384)), np.zeros(3))
+    runs = [_tune(7, head, max_epochs=1, patience=1, precision="bf16") for _ in range(2)]
+    full = _tune(7, head, max_epochs=1, patience=1, precision="fp32")
+    assert [r.precision for r in runs] == ["bf16", "bf16"] and full.precision == "fp32"
+    assert [r.best_epoch for r in (*runs, full)] == [1, 1, 1]
+    a, b, c = (dict(r.model.state_dict()) for r in (*runs, full))
+    assert all(v.dtype == c[k].dtype for k, v in a.items())  # the weights stay float32
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)  # deterministic
+    # The autocast did apply: the training steps computed something else than float32's.
+    assert not all(np.array_equal(a[k].numpy(), c[k].numpy()) for k in a)
 
 
 def test_early_stopping_keeps_the_best_epoch(monkeypatch) -> None:
