@@ -224,9 +224,31 @@ def observe_predictions(tag: str, labels: list[str], confidence: Any) -> None:
     else:
         for label, count in collections.Counter(labels).items():
             _prediction_series(tag, label).inc(count)
-    histogram = _confidence_series(tag)
-    for conf in confidence.tolist():
-        histogram.observe(conf)
+    observe_many(_confidence_series(tag), confidence)
+
+
+def observe_many(histogram: Any, values: Any) -> None:
+    """``histogram.observe(v)`` for every ``v`` of ``values``, with one update per bucket
+    that got values instead of one per value: a 100-text batch observed its confidences one by
+    one in 0.4 ms of the event loop. Same counts; the sum is added once (it may differ from
+    the one-by-one sum in the last bit). Falls back to one by one if prometheus_client's
+    histogram internals ever change."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if len(values) < 2 or bounds is None or buckets is None or total is None:
+        for v in values:
+            histogram.observe(float(v))
+        return
+    import numpy as np
+
+    values = np.asarray(values, dtype=float).ravel()
+    # The bucket of v is the first bound >= v, as in Histogram.observe; a NaN has none.
+    index = np.searchsorted(np.asarray(bounds, dtype=float), values, side="left")
+    counts = np.bincount(index, minlength=len(bounds) + 1)[: len(bounds)]
+    total.inc(float(sum(values.tolist())))
+    for i in np.flatnonzero(counts).tolist():
+        buckets[i].inc(int(counts[i]))
 
 
 def observe_connection_shed() -> None:
