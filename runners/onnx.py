@@ -16,6 +16,7 @@ the torch runner (``MLSERVE_TORCH_THREADS``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,26 @@ def providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def load_tokenizer(path: Path, max_tokens: int) -> Any:
+    """The ``tokenizers`` tokenizer in ``path`` (``tokenizer.json``), truncating to
+    ``max_tokens`` and padding each batch to its longest text."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.enable_truncation(max_length=max_tokens)
+    pad = tokenizer.token_to_id(PAD)
+    tokenizer.enable_padding(pad_id=0 if pad is None else pad, pad_token=PAD)
+    return tokenizer
+
+
+def feed_of(batch: list[Any]) -> dict[str, np.ndarray]:
+    """The encoder graph's inputs for a batch of ``tokenizers`` encodings."""
+    return {
+        "input_ids": np.array([e.ids for e in batch], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in batch], dtype=np.int64),
+    }
+
+
 class OnnxEncoder:
     """Mean-pooled, L2-normalised sentence embeddings from an ONNX encoder, batched with
     length-sorted padding (as ``runners.transformer.MiniLMEncoder``)."""
@@ -52,13 +73,9 @@ class OnnxEncoder:
         device: str = "cpu",
     ):
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         self.chunk = chunk
-        self.tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
-        self.tokenizer.enable_truncation(max_length=max_tokens)
-        pad = self.tokenizer.token_to_id(PAD)
-        self.tokenizer.enable_padding(pad_id=0 if pad is None else pad, pad_token=PAD)
+        self.tokenizer = load_tokenizer(directory / TOKENIZER_FILE, max_tokens)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -76,11 +93,7 @@ class OnnxEncoder:
         for start in range(0, len(order), self.chunk):
             idx = order[start : start + self.chunk]
             batch = self.tokenizer.encode_batch([texts[i] for i in idx])
-            feed = {
-                "input_ids": np.array([e.ids for e in batch], dtype=np.int64),
-                "attention_mask": np.array([e.attention_mask for e in batch], dtype=np.int64),
-            }
-            out[idx] = self.session.run(None, feed)[0]
+            out[idx] = self.session.run(None, feed_of(batch))[0]
         return out
 
     def close(self) -> None:

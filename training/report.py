@@ -89,13 +89,23 @@ def _fmt(value: float) -> str:
     return "n/a" if value != value else f"{value:.3f}"  # NaN check
 
 
+def _smoothing(gate: dict) -> str:
+    smoothing = gate.get("smoothing")
+    if not smoothing:
+        return ""
+    return (
+        f" SmoothQuant (alpha {smoothing['alpha']}) on {smoothing['matmuls']} MatMuls, "
+        f"calibrated on {smoothing['calibration_texts']} training texts."
+    )
+
+
 def _quality_gate(meta: dict) -> str:
     gate = meta.get("quality_gate")
     if not gate:
         return ""
     return f"""## Quality gate (optimised from {gate["source"]})
 
-{gate["quantization"]}. On the test split, against the float model:
+{gate["quantization"]}.{_smoothing(gate)} On the test split, against the float model:
 
 | label agreement | largest probability difference | macro-F1 (float) | ECE (float) | ms/text @1 (float) | ms/text @32 (float) |
 |---|---|---|---|---|---|

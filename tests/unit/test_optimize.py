@@ -49,12 +49,18 @@ def test_the_variant_is_an_onnx_model_in_safe_files_with_its_gate(int8_tag: str)
     gate = model.metadata["quality_gate"]
     assert gate["passed"] and gate["source"] == "unit-opt:v1"
     assert gate["export_parity_max_abs"] < 1e-4
+    # SmoothQuant before quantising: every weighted MatMul that is quantised (36 in MiniLM-L6,
+    # less those a CPU without VNNI keeps float), calibrated on the training split.
+    smoothing = gate["smoothing"]
+    assert smoothing["matmuls"] == 36 - len(gate["float_nodes"])
+    assert smoothing["alpha"] == 0.8 and 0 < smoothing["calibration_texts"] <= 256
     assert 0.0 <= gate["label_agreement"] <= 1.0
     assert 0.0 <= gate["max_probability_difference"] <= 1.0
     for key in ("test_f1_macro", "float_test_f1_macro", "test_ece", "ms_per_text_batch32"):
         assert gate[key] is not None
     card = (model.path / "report" / "model_card.md").read_text()
     assert "## Quality gate (optimised from unit-opt:v1)" in card
+    assert f"SmoothQuant (alpha 0.8) on {smoothing['matmuls']} MatMuls" in card
 
 
 def test_the_onnx_runner_answers_like_the_float_model(float_tag: str, int8_tag: str) -> None:
@@ -148,3 +154,51 @@ def test_without_vnni_the_feed_forward_outputs_stay_float(float_tag: str, tmp_pa
     assert quantize_int8(src, tmp_path / "vnni.onnx", vnni=True) == []
     graph = onnx.load(str(tmp_path / "vnni.onnx")).graph
     assert not set(ffn_out) & {n.name for n in graph.node if n.op_type == "MatMul"}
+
+
+def test_smoothing_keeps_the_float_graph_and_brings_int8_closer_to_it(
+    float_tag: str, tmp_path
+) -> None:
+    """SmoothQuant moves scale between each weighted MatMul's activations and weights: the
+    smoothed float graph computes the same embeddings, and its int8 version is closer to them
+    than the unsmoothed int8 (calibrated on some reviews, measured on others)."""
+    import onnx
+
+    from runners.onnx import ENCODER_FILE, TOKENIZER_FILE, OnnxEncoder
+    from training.optimize import smooth_activations, weighted_matmuls
+
+    model = open_model(float_tag)
+    max_tokens = int(model.metadata["preprocessing"]["max_tokens"])
+    tokenizer = model.path / "encoder" / TOKENIZER_FILE
+    src = tmp_path / "float.onnx"
+    export_encoder(model.path / "encoder", src, max_tokens)
+    from training.data import load_named
+
+    reviews = load_named("drugscom").texts  # real text: calibrate on 128, measure on 64 others
+    calibration, probes = reviews[:128], reviews[128:192]
+    excluded = [n.name for n in weighted_matmuls(onnx.load(str(src)).graph)][:2]
+    info = smooth_activations(
+        src, tmp_path / "smoothed.onnx", calibration, tokenizer, max_tokens, exclude=excluded
+    )
+    assert info["matmuls"] == 34 and info["calibration_texts"] == 128  # 36 weighted, 2 excluded
+    graph = onnx.load(str(tmp_path / "smoothed.onnx")).graph
+    muls = [n for n in graph.node if n.name.startswith("smooth_mul_")]
+    assert len(muls) == 34
+    fed = {n.input[0] for n in graph.node if n.name in excluded}
+    assert not fed & {m.output[0] for m in muls}  # the excluded MatMuls read the raw input
+
+    def embed(path, name: str) -> np.ndarray:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / ENCODER_FILE).write_bytes(path.read_bytes())
+        (folder / TOKENIZER_FILE).write_bytes(tokenizer.read_bytes())
+        return OnnxEncoder(folder, max_tokens=max_tokens).embed(probes)
+
+    reference = embed(src, "float")
+    assert np.abs(embed(tmp_path / "smoothed.onnx", "smoothed") - reference).max() < 1e-5
+    quantize_int8(src, tmp_path / "plain-int8.onnx", vnni=True)
+    quantize_int8(tmp_path / "smoothed.onnx", tmp_path / "smooth-int8.onnx", vnni=True)
+    plain = (embed(tmp_path / "plain-int8.onnx", "plain-int8") * reference).sum(1)
+    smooth = (embed(tmp_path / "smooth-int8.onnx", "smooth-int8") * reference).sum(1)
+    # Measured: 0.9931 -> 0.9977; the error to the float embeddings at least halves.
+    assert 1 - smooth.mean() < (1 - plain.mean()) / 2
