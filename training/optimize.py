@@ -11,8 +11,8 @@
    output projections: see :func:`float_nodes`);
 3. rebuild the source's data split (same data set, checked by sha256; same seed and cleaning),
    embed it with the int8 encoder, and fit the linear head again on those embeddings (int8 moves
-   the embeddings: a cosine of about 0.94 to the float ones), then calibrate on validation, as
-   training does;
+   the embeddings: a cosine of about 0.99 to the float ones), then calibrate on validation with
+   the source's calibration method and decision rule (refitted, not chosen again);
 4. hold it to the quality gate: label agreement with the float model on the test split, the
    largest probability difference, test macro-F1, ECE and ms per text. A variant whose macro-F1
    is more than ``MAX_F1_DROP`` below the float model's is not saved (:class:`QualityGateError`
@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from mlserve.calibration import Calibrator
 from mlserve.preprocessing import CleaningConfig, clean_texts
 from mlserve.store import StoredModel, open_model
 from training.data import DataError
@@ -185,7 +187,8 @@ def smooth_activations(
     Dynamic quantisation gives each activation tensor one scale, so a few outlier channels
     (transformers have them, widest after GELU) leave the other channels a handful of int8
     levels. For every weighted MatMul ``x @ W`` (but ``exclude``), per input channel j:
-    ``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)`` over the calibration ``texts``; the graph
+    ``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)`` over the calibration ``texts`` (``W``: the
+    weights of every MatMul that reads ``x``, which share ``s``); the graph
     computes ``(x / s) @ (diag(s) W)``, the same product in float (a ``Mul`` by ``1/s`` before
     the MatMul; ``W``'s rows scaled), whose activations quantise with far less error. Returns
     how it went (for the quality gate's record)."""
@@ -198,41 +201,49 @@ def smooth_activations(
     model = onnx.load(str(src))
     graph = model.graph
     targets = [n for n in weighted_matmuls(graph) if n.name not in set(exclude)]
-    # The calibration pass: the float graph, with each target's activation as an output too.
+    # MatMuls reading one tensor (a layer's query, key and value) share its scale, so the
+    # tensor is divided, and quantised at run time, once.
+    groups: dict[str, list[Any]] = {}
+    for node in targets:
+        groups.setdefault(node.input[0], []).append(node)
+    # The calibration pass: the float graph, with each smoothed activation as an output too.
     probe = onnx.load(str(src))
     probe.graph.output.extend(
-        helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None) for n in targets
+        helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in groups
     )
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     tokenizer = load_tokenizer(tokenizer_file, max_tokens)
     ordered = sorted(texts, key=len)
-    amax: list[np.ndarray | None] = [None] * len(targets)
+    amax: list[np.ndarray | None] = [None] * len(groups)
     for start in range(0, len(ordered), 32):
         batch = tokenizer.encode_batch(ordered[start : start + 32])
         for k, act in enumerate(session.run(None, feed_of(batch))[1:]):
             m = np.abs(act).reshape(-1, act.shape[-1]).max(axis=0)
             amax[k] = m if amax[k] is None else np.maximum(amax[k], m)
     inits = {i.name: i for i in graph.initializer}
-    for k, node in enumerate(targets):
-        weight = numpy_helper.to_array(inits[node.input[1]])
+    for k, (name, nodes) in enumerate(groups.items()):
+        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
         a = np.maximum(amax[k], 1e-5)  # type: ignore[arg-type]
-        w = np.maximum(np.abs(weight).max(axis=1), 1e-5)
+        w = np.maximum(np.max([np.abs(wt).max(axis=1) for wt in weights], axis=0), 1e-5)
         scale = (a**alpha / w ** (1 - alpha)).astype(np.float32)
-        inits[node.input[1]].CopyFrom(
-            numpy_helper.from_array((weight * scale[:, None]).astype(np.float32), node.input[1])
-        )
+        for node, weight in zip(nodes, weights, strict=True):
+            inits[node.input[1]].CopyFrom(
+                numpy_helper.from_array((weight * scale[:, None]).astype(np.float32), node.input[1])
+            )
         inv = f"smooth_inv_scale_{k}"
         graph.initializer.append(numpy_helper.from_array((1 / scale).astype(np.float32), inv))
-        smoothed = f"{node.input[0]}/smoothed_{k}"
-        mul = helper.make_node("Mul", [node.input[0], inv], [smoothed], name=f"smooth_mul_{k}")
-        graph.node.insert(list(graph.node).index(node), mul)
-        node.input[0] = smoothed
+        smoothed = f"{name}/smoothed"
+        mul = helper.make_node("Mul", [name, inv], [smoothed], name=f"smooth_mul_{k}")
+        graph.node.insert(list(graph.node).index(nodes[0]), mul)
+        for node in nodes:
+            node.input[0] = smoothed
     onnx.save(model, str(out))
     return {
         "method": "SmoothQuant (Xiao et al., 2023): per input channel of each quantised "
         "MatMul, activations divided and weights multiplied by max|x|^alpha / max|W|^(1-alpha)",
         "alpha": alpha,
         "matmuls": len(targets),
+        "scales": len(groups),
         "calibration_texts": len(texts),
     }
 
@@ -352,7 +363,11 @@ def optimize_int8(
             for name, y in (("train", y_train), ("validation", y_val), ("test", y_test))
         }
         counts = np.bincount(y_train, minlength=len(labels)).astype(float)
-        result = _calibrate(fit, t_val, y_val, t_test, y_test, labels, cfg, counts)
+        # The source's calibration method and decision rule, refitted on the int8 scores.
+        inherited = Calibrator.from_dict(
+            json.loads((source.path / "calibration.json").read_text(encoding="utf-8"))
+        )
+        result = _calibrate(fit, t_val, y_val, t_test, y_test, labels, cfg, counts, inherited)
 
         # The float model's answers on the same test texts, as it serves them.
         float_runner = load_runner(source_tag, warmup=False)
@@ -374,6 +389,8 @@ def optimize_int8(
             ),
             "float_nodes": kept_float,
             "smoothing": smoothing,
+            "calibration": f"{inherited.method}, {inherited.decision_rule} (the source's, "
+            "refitted on validation)",
             "export_parity_max_abs": parity,
             "label_agreement": round(float((float_pred == int8_pred).mean()), 4),
             "max_probability_difference": round(

@@ -507,9 +507,10 @@ def _calibrate(
     labels: list[str],
     cfg: TrainConfig,
     train_counts: np.ndarray,
+    inherit: Calibrator | None = None,
 ) -> Result:
     raw_val = np.asarray(fit.raw_proba(t_val), dtype=np.float64)
-    cal, scores = _fit_calibrator(fit, t_val, y_val, train_counts, cfg.seed, raw_val)
+    cal, scores = _fit_calibrator(fit, t_val, y_val, train_counts, cfg.seed, raw_val, inherit)
     val_probs = cal.transform(raw_val)
     raw_test = np.asarray(fit.raw_proba(t_test), dtype=np.float64)
     test_probs = cal.transform(raw_test)
@@ -536,14 +537,24 @@ def _fit_calibrator(
     train_counts: np.ndarray,
     seed: int,
     raw_val: np.ndarray | None = None,
+    inherit: Calibrator | None = None,
 ) -> tuple[Calibrator, dict[str, float]]:
     """Sigmoid or isotonic, whichever has the lower cross-validated log-loss on validation,
-    and the decision rule with the better validation macro-F1."""
+    and the decision rule with the better validation macro-F1. ``inherit``: a calibrator
+    whose method and decision rule are kept instead of chosen (only its parameters are fitted
+    again), for a variant of that model (``mlserve optimize``): two near-tied choices made
+    afresh on slightly moved scores could flip, and change a third of the decisions without
+    any probability moving by more than a few hundredths."""
     if raw_val is None:
         raw_val = np.asarray(fit.raw_proba(t_val), dtype=np.float64)
     method, scores = choose_method(raw_val, y_val, seed)
+    if inherit is not None:
+        method = inherit.method
     cal = Calibrator.fit(raw_val, y_val, method)
-    cal.decision_weights = choose_decision_weights(cal.transform(raw_val), y_val, train_counts)
+    if inherit is not None:
+        cal.decision_weights = list(inherit.decision_weights)
+    else:
+        cal.decision_weights = choose_decision_weights(cal.transform(raw_val), y_val, train_counts)
     return cal, scores
 
 

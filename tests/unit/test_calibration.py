@@ -199,3 +199,24 @@ def test_sigmoid_map_saturates_without_overflow_warnings():
         warnings.simplefilter("error")
         out = cal.transform(np.array([[1e-9, 1 - 1e-9], [0.5, 0.5]]))
     np.testing.assert_allclose(out, [[0.0, 1.0], [0.5, 0.5]], atol=1e-12)
+
+
+def test_an_inherited_calibrator_keeps_its_method_and_decision_rule(three_class: Scores) -> None:
+    """A variant of a model (`mlserve optimize`) keeps the source's calibration method and
+    decision rule; only the calibration parameters are fitted again on its own scores."""
+    from training.pipeline import _fit_calibrator
+
+    s = three_class
+    counts = np.bincount(s.fit_y, minlength=3).astype(float)
+    chosen, scores = _fit_calibrator(None, [], s.fit_y, counts, 0, s.fit_proba)  # type: ignore[arg-type]
+    assert chosen.method == min(scores, key=scores.__getitem__)
+    # A source that made the other choices: the other method, and unusual decision weights.
+    other = "isotonic" if chosen.method == "sigmoid" else "sigmoid"
+    source = Calibrator.fit(s.test_proba, s.test_y, other)  # fitted on other scores
+    source.decision_weights = [0.5, 1.0, 0.25]
+    cal, _ = _fit_calibrator(None, [], s.fit_y, counts, 0, s.fit_proba, inherit=source)  # type: ignore[arg-type]
+    assert cal.method == other and cal.decision_weights == [0.5, 1.0, 0.25]
+    assert (
+        cal.to_dict()["params"] == Calibrator.fit(s.fit_proba, s.fit_y, other).to_dict()["params"]
+    )
+    assert cal.to_dict()["params"] != source.to_dict()["params"]  # refitted, not copied

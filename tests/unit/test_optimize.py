@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -58,6 +60,16 @@ def test_the_variant_is_an_onnx_model_in_safe_files_with_its_gate(int8_tag: str)
     assert 0.0 <= gate["max_probability_difference"] <= 1.0
     for key in ("test_f1_macro", "float_test_f1_macro", "test_ece", "ms_per_text_batch32"):
         assert gate[key] is not None
+    # The source's calibration method and decision rule, not chosen again.
+    ours, theirs = (
+        json.loads((open_model(t).path / "calibration.json").read_text())
+        for t in (int8_tag, "unit-opt:v1")
+    )
+    assert (ours["method"], ours["decision_weights"]) == (
+        theirs["method"],
+        theirs["decision_weights"],
+    )
+    assert gate["calibration"].startswith(f"{theirs['method']}, ")
     card = (model.path / "report" / "model_card.md").read_text()
     assert "## Quality gate (optimised from unit-opt:v1)" in card
     assert f"SmoothQuant (alpha 0.8) on {smoothing['matmuls']} MatMuls" in card
@@ -176,14 +188,18 @@ def test_smoothing_keeps_the_float_graph_and_brings_int8_closer_to_it(
 
     reviews = load_named("drugscom").texts  # real text: calibrate on 128, measure on 64 others
     calibration, probes = reviews[:128], reviews[128:192]
-    excluded = [n.name for n in weighted_matmuls(onnx.load(str(src)).graph)][:2]
+    weighted = weighted_matmuls(onnx.load(str(src)).graph)
+    excluded = [n.name for n in weighted][:2]
+    # One scale per smoothed input tensor: a layer's query, key and value share theirs.
+    inputs = {n.input[0] for n in weighted if n.name not in excluded}
+    assert len(weighted) == 36 and len(inputs) == 24  # 6 layers x (QKV, attn-out, FFN in, out)
     info = smooth_activations(
         src, tmp_path / "smoothed.onnx", calibration, tokenizer, max_tokens, exclude=excluded
     )
     assert info["matmuls"] == 34 and info["calibration_texts"] == 128  # 36 weighted, 2 excluded
     graph = onnx.load(str(tmp_path / "smoothed.onnx")).graph
     muls = [n for n in graph.node if n.name.startswith("smooth_mul_")]
-    assert len(muls) == 34
+    assert info["scales"] == len(muls) == 24 and {m.input[0] for m in muls} == inputs
     fed = {n.input[0] for n in graph.node if n.name in excluded}
     assert not fed & {m.output[0] for m in muls}  # the excluded MatMuls read the raw input
 
