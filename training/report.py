@@ -91,7 +91,7 @@ def _fmt(value: float) -> str:
 
 def _smoothing(gate: dict) -> str:
     smoothing = gate.get("smoothing")
-    if not smoothing:
+    if not smoothing or not smoothing.get("applied"):
         return ""
     return (
         f" SmoothQuant (alpha {smoothing['alpha']}) on {smoothing['matmuls']} MatMuls, "
