@@ -49,7 +49,10 @@ def test_the_int8_variant_answers_like_the_float_model(start_server, reviews) ->
                 "/predict", json={"text": reviews[0], "model_version": "sentiment:v3"}
             )
             assert one.status_code == 200
-            assert abs(sum(one.json()["probabilities"].values()) - 1.0) < 1e-6
+            probabilities = one.json()["probabilities"]
+            # Each probability is rounded to 6 decimals, so k of them sum to 1 within k * 5e-7
+            # (0.080263 + 0.032282 + 0.887456 = 1.000001 in one run).
+            assert abs(sum(probabilities.values()) - 1.0) <= len(probabilities) * 5e-7 + 1e-12
     finally:
         server.stop()
 
