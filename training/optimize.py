@@ -208,7 +208,8 @@ def smooth_activations(
     for node in targets:
         groups.setdefault(node.input[0], []).append(node)
     # The calibration pass: the float graph, with each smoothed activation as an output too.
-    probe = onnx.load(str(src))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)  # not read from disk twice
     probe.graph.output.extend(
         helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in groups
     )
