@@ -219,8 +219,15 @@ def test_smoothing_keeps_the_float_graph_and_brings_int8_closer_to_it(
     quantize_int8(tmp_path / "smoothed.onnx", tmp_path / "smooth-int8.onnx", vnni=True)
     plain = (embed(tmp_path / "plain-int8.onnx", "plain-int8") * reference).sum(1)
     smooth = (embed(tmp_path / "smooth-int8.onnx", "smooth-int8") * reference).sum(1)
-    # Measured: 0.9931 -> 0.9977; the error to the float embeddings at least halves.
-    assert 1 - smooth.mean() < (1 - plain.mean()) / 2
+    if has_vnni():
+        # Measured on a VNNI CPU (Xeon Sapphire Rapids): 0.9931 -> 0.9977; the error to the
+        # float embeddings at least halves.
+        assert 1 - smooth.mean() < (1 - plain.mean()) / 2
+    else:
+        # Without VNNI, ONNX Runtime's uint8 x int8 products saturate (VPMADDUBSW) whatever the
+        # scales, so smoothing gains less (AVX2-only EPYC: 0.9927 -> 0.9951), and the variant
+        # is not smoothed there (next test); the error still shrinks by a fifth or more.
+        assert 1 - smooth.mean() < 0.8 * (1 - plain.mean())
 
 
 def test_without_vnni_the_variant_is_not_smoothed(float_tag: str, monkeypatch) -> None:
