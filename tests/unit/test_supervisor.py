@@ -25,11 +25,13 @@ ARBITER = textwrap.dedent(
     """
     import signal, subprocess, sys, time
     ignore = sys.argv[2] == "ignore"
-    worker = "import signal, time\\n"
+    worker = "import os, signal, sys, time\\n"
     if ignore:
         worker += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
+    # Ready only once its handler is in place (a busy machine may take seconds to get there).
+    worker += "open(f'{sys.argv[1]}.{os.getpid()}.ready', 'w').close()\\n"
     worker += "time.sleep(300)\\n"
-    procs = [subprocess.Popen([sys.executable, "-c", worker], start_new_session=True)
+    procs = [subprocess.Popen([sys.executable, "-c", worker, sys.argv[1]], start_new_session=True)
              for _ in range(2)]
     open(sys.argv[1], "w").write(" ".join(str(p.pid) for p in procs))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(int(sys.argv[3])))
@@ -53,6 +55,9 @@ def start(tmp_path: Path, ignore: bool = False, term_status: int = 0, crash: boo
         assert time.monotonic() < deadline, "the fake arbiter did not start its workers"
         time.sleep(0.05)
     workers = [int(p) for p in pids_file.read_text().split()]
+    while not all(Path(f"{pids_file}.{pid}.ready").exists() for pid in workers):
+        assert time.monotonic() < deadline, "the fake workers did not get ready"
+        time.sleep(0.05)
     return proc, workers
 
 
