@@ -236,15 +236,15 @@ def fit_minilm_ft(
     del tuned.model  # the encoder below reads the saved files back
     encoder = MiniLMEncoder(folder, device, max_tokens=max_tokens)
 
+    # The validation texts are embedded once: the head's fit below and the calibrator's (which
+    # the caller fits on these same texts, this same list) share them.
+    val_embeddings = encoder.embed(t_val).cpu().numpy()
+
     def embed(texts: list[str]) -> np.ndarray:
-        # The validation texts are embedded once: the head's fit below and the calibrator's
-        # (which the caller fits on these same texts, this same list) share them.
-        if texts is t_val and val_embeddings:
-            return val_embeddings[0]
+        if texts is t_val:
+            return val_embeddings
         return encoder.embed(texts).cpu().numpy()
 
-    val_embeddings: list[np.ndarray] = []
-    val_embeddings.append(embed(t_val))
     # The served head is refitted on the fine-tuned embeddings by the one linear-head fit of
     # every encoder variant (frozen, fine-tuned, int8): `mlserve optimize` refits it the same
     # way on the int8 embeddings, so its quality gate compares quantisation alone.
