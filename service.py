@@ -62,7 +62,9 @@ http_app = create_app(lambda: _core, docs=_settings.docs_enabled)
 @bentoml.service(
     name="mlserve",
     workers=_settings.effective_workers,
-    traffic={"timeout": _settings.infer_timeout_seconds + 5},
+    # Above every mlserve deadline, the admin API's wait for all workers included (a 504 here
+    # would cancel an admin change half done): see Settings.request_timeout_seconds.
+    traffic={"timeout": _settings.request_timeout_seconds},
     http=_http,
     # mlserve.http writes one JSON access line per request; BentoML's own would duplicate it.
     logging={"access": {"enabled": False}},

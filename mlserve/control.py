@@ -545,14 +545,19 @@ class Controller:
                 f"control store unavailable ({type(exc).__name__})"
             ) from exc
 
-    def _require_started(self) -> None:
+    def _begin(self) -> float:
+        """Refuse a change before this worker has started; otherwise the monotonic time by
+        which the change answers: MLSERVE_CONTROL_TIMEOUT_SECONDS from its arrival, the wait
+        for the lock and this worker's own load included (see Settings.request_timeout_seconds,
+        the HTTP limit above it)."""
         if not self.core.loader.done or self.applied < 0:
             raise ServiceUnavailableError("this worker is still loading its models; retry shortly")
+        return time.monotonic() + self.core.settings.control_timeout_seconds
 
     async def load(self, tag: str, make_default: bool) -> dict[str, Any]:
         """Load ``tag`` everywhere (optionally as its name's default)."""
         name, version = parse_tag(tag)
-        self._require_started()
+        deadline = self._begin()
         limit = self.core.settings.max_loaded_models
 
         def change(cur: State) -> State:
@@ -584,13 +589,13 @@ class Controller:
                     await self.core.retire(tag)
                 raise
             await self._apply(state)
-        return await self._result("load", state)
+        return await self._result("load", state, deadline)
 
     async def set_default(self, name: str, version: str) -> dict[str, Any]:
         """Make an already loaded version its name's default everywhere."""
         tag = f"{name}:{version}"
         parse_tag(tag)
-        self._require_started()
+        deadline = self._begin()
 
         def change(cur: State) -> State:
             if tag not in cur["models"]:
@@ -601,12 +606,12 @@ class Controller:
             change(await self._desired())
             state = await self._publish(change)
             await self._apply(state)
-        return await self._result("default", state)
+        return await self._result("default", state, deadline)
 
     async def unload(self, tag: str) -> dict[str, Any]:
         """Unload a version everywhere; refused for a default or the last loaded version."""
         name, version = parse_tag(tag)
-        self._require_started()
+        deadline = self._begin()
         service_default = self.core.settings.default_model
 
         def change(cur: State) -> State:
@@ -634,13 +639,13 @@ class Controller:
             change(await self._desired())
             state = await self._publish(change)
             await self._apply(state)
-        return await self._result("unload", state)
+        return await self._result("unload", state, deadline)
 
     async def set_traffic(self, name: str, weights: dict[str, int]) -> dict[str, Any]:
         """Split the requests for ``name`` over its loaded versions by ``weights`` (percent,
         summing to 100), everywhere; ``{}`` clears the split. A bad split is refused (422)
         before anything changes."""
-        self._require_started()
+        deadline = self._begin()
 
         def change(cur: State) -> State:
             split = validate_weights(name, weights, cur["models"])
@@ -651,12 +656,12 @@ class Controller:
             change(await self._desired())
             state = await self._publish(change)
             await self._apply(state)
-        return await self._result("traffic", state)
+        return await self._result("traffic", state, deadline)
 
     async def set_shadow(self, name: str, version: str | None, sample: float) -> dict[str, Any]:
         """Make ``name:version`` the shadow of ``name`` (``sample`` of the requests its primary
         serves also run on it), everywhere; ``version`` None clears it."""
-        self._require_started()
+        deadline = self._begin()
 
         def change(cur: State) -> State:
             shadows = dict(cur.get("shadows", {}))
@@ -673,12 +678,11 @@ class Controller:
             change(await self._desired())
             state = await self._publish(change)
             await self._apply(state)
-        return await self._result("shadow", state)
+        return await self._result("shadow", state, deadline)
 
-    async def _result(self, action: str, state: State) -> dict[str, Any]:
-        """Wait (up to MLSERVE_CONTROL_TIMEOUT_SECONDS) for every live worker to apply
+    async def _result(self, action: str, state: State, deadline: float) -> dict[str, Any]:
+        """Wait (until ``deadline``, from :meth:`_begin`) for every live worker to apply
         ``state``; report those that lag or failed."""
-        deadline = time.monotonic() + self.core.settings.control_timeout_seconds
         while True:
             workers = await asyncio.to_thread(self.live_workers)
             lagging = sorted(w for w, r in workers.items() if r["generation"] < state["generation"])

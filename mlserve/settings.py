@@ -538,8 +538,8 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         le=600,
-        description="How long an admin change waits for every worker to apply it before it "
-        "answers 202 with the lagging workers.",
+        description="How long an admin change waits, from its arrival, for every worker to "
+        "apply it before it answers 202 with the lagging workers.",
     )
     rate_limit: str = Field(
         "",
@@ -719,6 +719,15 @@ class Settings(BaseSettings):
                 "set a token or MLSERVE_ADMIN_ENABLED=false"
             )
         return self
+
+    @property
+    def request_timeout_seconds(self) -> float:
+        """BentoML's limit on one request (its ``traffic.timeout``: past it, BentoML answers 504
+        and cancels the handler). A backstop above mlserve's own bounds, never below them: an
+        inference answers within ``infer_timeout_seconds``; an admin change within
+        ``control_timeout_seconds`` of its arrival (202 with the workers that lag), unless this
+        worker's own load of the model runs past that, which the 30 s margin allows for."""
+        return max(self.infer_timeout_seconds + 5, self.control_timeout_seconds + 30)
 
     @property
     def effective_workers(self) -> int:

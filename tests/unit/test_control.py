@@ -206,6 +206,47 @@ def test_a_lagging_worker_is_reported(store) -> None:
     assert not result["complete"] and result["lagging"] == ["slow:1"]
 
 
+def test_the_wait_counts_from_the_change_s_arrival(store) -> None:
+    """MLSERVE_CONTROL_TIMEOUT_SECONDS bounds the whole change, this worker's own load included,
+    so the answer comes within the HTTP request timeout above it (Settings.
+    request_timeout_seconds). Here the local load alone outlasts the timeout: the answer comes
+    as soon as it is done, with the worker that lags, not a full timeout later."""
+
+    class SlowCore(Core):
+        def build(self, tag: str) -> LoadedModel:
+            if tag == "sentiment:v2":
+                time.sleep(1.5)
+            return super().build(tag)
+
+    async def scenario():
+        a = Controller(SlowCore(["sentiment:v1", "topic:v1"]), store, poll_seconds=0.01)
+        a.worker_id = "host:0"
+        await started([a])
+        store.report(
+            "slow:1",
+            {
+                "worker": "slow:1",
+                "ts": time.time() + 60,
+                "generation": 0,
+                "loaded": [],
+                "defaults": {},
+                "errors": {},
+            },
+        )
+        a.core.settings.control_timeout_seconds = 1.0
+        t0 = time.monotonic()
+        result = await a.load("sentiment:v2", make_default=False)
+        took = time.monotonic() - t0
+        await closed([a])
+        return result, took
+
+    result, took = asyncio.run(scenario())
+    assert not result["complete"] and result["lagging"] == ["slow:1"]
+    assert result["workers"]["host:0"]["loaded"] == ["sentiment:v1", "sentiment:v2", "topic:v1"]
+    # 1.5 s of load, then one look at the workers; measured from after the load it was >= 2.5 s.
+    assert 1.5 <= took < 2.4, took
+
+
 def test_a_new_worker_adopts_the_published_state(store) -> None:
     async def scenario():
         (a,) = workers(store, 1)
