@@ -80,6 +80,11 @@ __all__ = [
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 30.0
+ADMIN_CHANGE_TIMEOUT = 90.0
+"""The shortest read timeout of an admin change (load, default, unload, traffic, shadow;
+``promote`` too). The server answers a change within ``MLSERVE_CONTROL_TIMEOUT_SECONDS`` (30 s by
+default) of its arrival, 202 with the workers that lag, and its own request limit is 60 s: with
+the client's 30 s, a change that waits on a slow worker would time out just before its answer."""
 _MESSAGE_CHARS = 500  # how much of a non-JSON error body an exception keeps
 
 # --- errors -----------------------------------------------------------------------------------
@@ -370,6 +375,7 @@ class _Calls:
         body: pydantic.BaseModel | None = None,
         files: dict | None = None,
         data: dict | None = None,
+        min_read_timeout: float | None = None,
     ) -> httpx.Request:
         headers = {"Accept": "application/json"}
         if admin:
@@ -383,6 +389,12 @@ class _Calls:
             kwargs["json"] = body.model_dump(mode="json", exclude_unset=True)
         if files is not None:
             kwargs.update(files=files, data=data)
+        timeout = self._http.timeout
+        if min_read_timeout is not None and timeout.read is not None:
+            read = max(timeout.read, min_read_timeout)
+            kwargs["timeout"] = httpx.Timeout(
+                connect=timeout.connect, read=read, write=timeout.write, pool=timeout.pool
+            )
         return self._http.build_request(method, self.base_url + path, headers=headers, **kwargs)
 
     def call(self, method: str, path: str, parse: Callable[[httpx.Response], T], **kw) -> _Call[T]:
@@ -458,7 +470,14 @@ class _Calls:
     def _change(self, route: str, body: pydantic.BaseModel) -> _Call[AdminChangeResult]:
         # 202: published, but some live worker has not applied it (yet): a result, not an error.
         parse = _model(AdminChangeResult, ok=(200, 202))
-        return self.call("POST", f"/admin/models/{route}", parse, admin=True, body=body)
+        return self.call(
+            "POST",
+            f"/admin/models/{route}",
+            parse,
+            admin=True,
+            body=body,
+            min_read_timeout=ADMIN_CHANGE_TIMEOUT,
+        )
 
     def load(self, tag: str, make_default: bool) -> _Call[AdminChangeResult]:
         return self._change("load", LoadModelRequest(tag=tag, make_default=make_default))

@@ -380,6 +380,68 @@ def test_a_real_refused_connection() -> None:
         c.health()
 
 
+def test_an_admin_change_outwaits_the_client_s_read_timeout() -> None:
+    """The server answers an admin change when every worker has applied it or after
+    MLSERVE_CONTROL_TIMEOUT_SECONDS (30 s, as the client's default timeout): admin changes read
+    for at least ADMIN_CHANGE_TIMEOUT. Against a real server that answers after 1 s, a client
+    with a 0.3 s timeout gets the 202 of a change, and a timeout on a prediction."""
+    import http.server
+    import threading
+
+    partial = json.dumps({**CHANGE, "action": "load", "complete": False, "lagging": ["w2"]})
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(1.0)
+            body = partial.encode()
+            self.send_response(202)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = False  # server_close() waits for every answer (no stray output later)
+
+        def handle_error(self, request, client_address) -> None:
+            pass  # the prediction's client has left when its answer is written: expected
+
+    server = Server(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with Client(url, admin_token=TOKEN, timeout=0.3) as c:
+            assert c.load("sentiment:v2").lagging == ["w2"]
+            with pytest.raises(MLServeTimeoutError):
+                c.predict("x")
+
+        async def go():
+            async with AsyncClient(url, admin_token=TOKEN, timeout=0.3) as c:
+                return await c.load("sentiment:v2")
+
+        assert asyncio.run(go()).lagging == ["w2"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert mc.ADMIN_CHANGE_TIMEOUT > 60  # the server's request limit with the default settings
+
+
+def test_the_admin_read_timeout_keeps_a_longer_or_no_client_timeout() -> None:
+    for timeout, admin_read in ((None, None), (300.0, 300.0), (5.0, mc.ADMIN_CHANGE_TIMEOUT)):
+        rec = Recorder(json_answer(200, CHANGE), json_answer(200, PREDICTION))
+        with sync_client(rec, timeout=timeout) as c:
+            c.load("sentiment:v2")
+            c.predict("x")
+        load, predict = rec.requests
+        assert load.extensions["timeout"]["read"] == admin_read
+        assert load.extensions["timeout"]["connect"] == timeout
+        assert predict.extensions["timeout"]["read"] == timeout
+
+
 def test_secrets_never_appear_in_errors_or_reprs() -> None:
     for answer in (
         lambda: error_answer(401, "unauthorized", "missing or wrong API key"),
