@@ -77,17 +77,6 @@ core four times slower, the benchmark model's 3.4 ms per text sent every lone re
 the thread, 0.7 ms more a request.)"""
 
 
-def _lower_priority(nice: int) -> None:
-    """Lower the calling (model) thread's scheduling priority by ``nice`` (Linux: per thread)."""
-    if nice > 0:
-        import contextlib
-        import os
-        import threading
-
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-
-
 def _background_priority() -> None:
     """Run the calling (model) thread only on CPU that nothing else wants (Linux SCHED_IDLE)."""
     import contextlib
@@ -132,7 +121,6 @@ class AdaptiveBatcher:
         on_error: Callable[[str], None] | None = None,
         max_queue: int = 1 << 30,
         on_reject: Callable[[str], None] | None = None,
-        nice: int = 0,
         inline: bool = False,
     ):
         self._predict = predict
@@ -151,7 +139,6 @@ class AdaptiveBatcher:
         self._queue: collections.deque[_Job] = collections.deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._nice = nice
         self.background = False
         self._executor = self._new_executor()
         self._last_batch_jobs = 1
@@ -170,8 +157,6 @@ class AdaptiveBatcher:
         return ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="mlserve-model",
-            initializer=_lower_priority,
-            initargs=(self._nice,),
         )
 
     def set_background(self, on: bool) -> None:

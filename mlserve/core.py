@@ -187,7 +187,6 @@ class ClassificationService:
             on_batch=lambda n, queue_ms, timing: obs.observe_batch(tag, n, queue_ms, timing),
             on_error=lambda kind: obs.observe_batcher_error(tag, kind),
             max_queue=self.settings.max_queue,
-            nice=runner.cpu_nice,
             inline=runner.inline,
             on_reject=lambda reason: obs.observe_overloaded(tag, reason),
         )

@@ -53,9 +53,6 @@ class Runner(abc.ABC):
     """
 
     family: str = ""
-    cpu_nice: int = 0
-    """Scheduling priority of this model's batch thread (a nice increment). A heavy model on
-    the CPU runs below the event loop and the light models, so its flood cannot starve them."""
     inline: bool = False
     """A lone request may run in the event loop itself when the model is fast (see
     mlserve.batching, INLINE_MAX_MS): true for models that hold the GIL while they compute, for

@@ -115,8 +115,6 @@ class OnnxRunner(EncoderHeadRunner):
             max_tokens=self.max_tokens,
             device=settings.device,
         )
-        # On the CPU the encoder is the heaviest work of the process (see Runner.cpu_nice).
-        self.cpu_nice = 0 if "CUDAExecutionProvider" in self.encoder.providers else 10
         head = load_file(str(self.model.path / "head.safetensors"))
         self.weight = head["weight"].astype(np.float64)
         self.bias = head["bias"].astype(np.float64)

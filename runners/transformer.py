@@ -172,9 +172,6 @@ class TransformerRunner(EncoderHeadRunner):
         torch.set_num_threads(settings.effective_torch_threads)
         path = self.model.path
         self.device = pick_device(settings.device)
-        # On the CPU the encoder is the heaviest work of the process: run it at a lower
-        # priority than the event loop and the classical models (see Runner.cpu_nice).
-        self.cpu_nice = 10 if self.device == "cpu" else 0
         self.encoder = MiniLMEncoder(path / "encoder", self.device, max_tokens=self.max_tokens)
         head = load_file(str(path / "head.safetensors"), device=self.device)
         self.weight, self.bias = head["weight"], head["bias"]
