@@ -87,6 +87,12 @@ async def closed(ctrls: list[Controller]) -> None:
         await c.aclose()
 
 
+def report_stuck_worker(store, worker: str) -> None:
+    """A live worker that never applies anything (stuck in a long load, say)."""
+    record = {"worker": worker, "ts": time.time() + 60, "generation": 0}
+    store.report(worker, {**record, "loaded": [], "defaults": {}, "errors": {}})
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> FileControlStore:
     return FileControlStore(tmp_path / "control")
@@ -185,18 +191,7 @@ def test_a_lagging_worker_is_reported(store) -> None:
     async def scenario():
         (a,) = workers(store, 1)
         await started([a])
-        # A live worker that never applies anything (stuck in a long load, say).
-        store.report(
-            "slow:1",
-            {
-                "worker": "slow:1",
-                "ts": time.time() + 60,
-                "generation": 0,
-                "loaded": [],
-                "defaults": {},
-                "errors": {},
-            },
-        )
+        report_stuck_worker(store, "slow:1")
         a.core.settings.control_timeout_seconds = 0.3
         result = await a.load("sentiment:v2", make_default=False)
         await closed([a])
@@ -222,17 +217,7 @@ def test_the_wait_counts_from_the_change_s_arrival(store) -> None:
         a = Controller(SlowCore(["sentiment:v1", "topic:v1"]), store, poll_seconds=0.01)
         a.worker_id = "host:0"
         await started([a])
-        store.report(
-            "slow:1",
-            {
-                "worker": "slow:1",
-                "ts": time.time() + 60,
-                "generation": 0,
-                "loaded": [],
-                "defaults": {},
-                "errors": {},
-            },
-        )
+        report_stuck_worker(store, "slow:1")
         a.core.settings.control_timeout_seconds = 1.0
         t0 = time.monotonic()
         result = await a.load("sentiment:v2", make_default=False)
