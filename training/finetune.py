@@ -109,14 +109,19 @@ def deterministic(seed: int, threads: int) -> Iterator[None]:
 
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
     old_cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # what CUDA needs for determinism
     torch.set_num_threads(max(1, threads))
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
+    # Deterministic mode also fills every new tensor with NaN, in case an op reads memory it
+    # never wrote. No op of this training does, and the fill took some 8 % of a step on the CPU.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
+        torch.utils.deterministic.fill_uninitialized_memory = old_fill
         torch.use_deterministic_algorithms(old_det)
         torch.set_num_threads(old_threads)
         if old_cublas is None:
@@ -232,6 +237,9 @@ def finetune(
                 {"params": list(head.parameters()), "lr": cfg.head_lr},
             ],
             weight_decay=cfg.weight_decay,
+            # One fused kernel per step instead of a dozen passes over the 22.7 M parameters
+            # (the same update; about 10 % of a training step on the CPU).
+            fused=dev.type in ("cpu", "cuda") or None,
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: max(0.0, 1.0 - step / max(1, steps))

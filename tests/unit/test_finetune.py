@@ -189,11 +189,31 @@ def test_deterministic_restores_the_global_torch_settings() -> None:
 
     threads = torch.get_num_threads()
     before = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     with ft.deterministic(seed=3, threads=1):
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.get_num_threads() == 1
+        # no NaN fill of new tensors: it cost a share of every step and no op here needs it
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
     assert torch.are_deterministic_algorithms_enabled() == before
     assert torch.get_num_threads() == threads
+    assert torch.utils.deterministic.fill_uninitialized_memory == fill
+
+
+def test_the_optimiser_is_the_fused_adamw(monkeypatch) -> None:
+    """One fused kernel per step on the CPU (the same update as the loop of passes)."""
+    import torch
+
+    made: list[dict] = []
+    real = torch.optim.AdamW
+
+    def spy(params, **kwargs):
+        made.append(kwargs)
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    _tune(1, (np.zeros((3, 384)), np.zeros(3)), max_epochs=1, patience=1)
+    assert [kwargs["fused"] for kwargs in made] == [True]
 
 
 def test_optimize_exports_the_fine_tuned_encoder(ft_tag: str, monkeypatch) -> None:
