@@ -135,8 +135,10 @@ def hey(url: str, body: dict | None, concurrency: int, duration: int) -> dict:
             json.dump(body, f)
         args += ["-m", "POST", "-T", "application/json", "-D", f.name]
     args.append(url)
-    # Warm-up pass so first-call costs (thread pools, allocators) are not measured.
-    subprocess.run(["hey", "-n", "200", *args], capture_output=True, check=True)
+    # Warm-up pass so first-call costs (thread pools, allocators) are not measured. hey refuses
+    # fewer requests than clients, hence at least one per client.
+    warm = str(max(200, concurrency))
+    subprocess.run(["hey", "-n", warm, *args], capture_output=True, check=True)
     out = subprocess.run(
         ["hey", "-z", f"{duration}s", *args], capture_output=True, text=True, check=True
     ).stdout

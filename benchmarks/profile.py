@@ -130,7 +130,7 @@ def main() -> None:
             total = sum(counts.values())
             # Every worker's samples over every request sent while they were taken (hey's
             # 200-request warm-up included); the second before the load adds a few idle samples.
-            requests = r["responses"] + (200 // clients) * clients
+            requests = r["responses"] + (max(200, clients) // clients) * clients
             per_request_ms = total / args.rate / requests * 1000 if requests else 0.0
             print(f"\n## {clients} client(s): {r}")
             print(

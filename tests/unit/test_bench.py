@@ -213,3 +213,25 @@ def _pair(served_ms: float, in_process_ms: float) -> dict:
         "in_process_ms": in_process_ms,
         "share": round(in_process_ms / served_ms, 3),
     }
+
+
+@pytest.mark.parametrize(("clients", "warm"), [(1, "200"), (32, "200"), (256, "256")])
+def test_hey_s_warm_up_sends_at_least_one_request_per_client(monkeypatch, clients, warm):
+    """hey exits 1 when asked for fewer requests (-n) than clients (-c): the 256-client flood of
+    ``benchmarks.profile`` crashed in its warm-up."""
+    calls: list[list[str]] = []
+
+    class Done:
+        stdout = HEY_REPORT
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        return Done()
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    result = bench.hey("http://127.0.0.1:1/predict", {"text": "x"}, clients, 5)
+    warm_up, timed = calls
+    assert warm_up[:3] == ["hey", "-n", warm] and int(warm) >= clients
+    assert warm_up[warm_up.index("-c") + 1] == str(clients)
+    assert timed[:3] == ["hey", "-z", "5s"]
+    assert result["rps"] == 5212.3  # the timed run's report
