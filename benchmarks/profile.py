@@ -129,7 +129,8 @@ def main() -> None:
             counts = sum((breakdown(raw.read_text()) for raw in raws), collections.Counter())
             total = sum(counts.values())
             # Every worker's samples over every request sent while they were taken (hey's
-            # 200-request warm-up included); the second before the load adds a few idle samples.
+            # warm-up of 200 requests, or one per client, included); the second before the load
+            # adds a few idle samples.
             requests = r["responses"] + (max(200, clients) // clients) * clients
             per_request_ms = total / args.rate / requests * 1000 if requests else 0.0
             print(f"\n## {clients} client(s): {r}")
