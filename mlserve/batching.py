@@ -77,6 +77,15 @@ core four times slower, the benchmark model's 3.4 ms per text sent every lone re
 the thread, 0.7 ms more a request.)"""
 
 
+class _Expired(Exception):
+    """A queued or running job's deadline passed (set on its future by :func:`_expire`)."""
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
 def _background_priority() -> None:
     """Run the calling (model) thread only on CPU that nothing else wants (Linux SCHED_IDLE)."""
     import contextlib
@@ -196,10 +205,15 @@ class AdaptiveBatcher:
         self._queue.append(job)
         self._queued_texts += len(job.texts)
         self._wake.set()
+        # The request awaits its job's future itself, with a timer that fails the future at the
+        # deadline: one turn of the event loop from the batch's result to this request, where
+        # wait_for(shield(...)) took three (shield's copy, wait_for's waiter, then this task),
+        # each a full pass of a loop that a flood keeps busy (BENCHMARK.md, "Overload").
+        # A done future (answered, expired or cancelled) is skipped by the consumer.
+        timer = loop.call_later(timeout, _expire, job.future)
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout)
-        except TimeoutError as exc:
-            job.future.cancel()  # a job still queued is skipped; a running one is discarded
+            return await job.future
+        except _Expired as exc:
             if job not in self._inflight:
                 # It never reached the model: the queue was longer than the estimate said.
                 # That is overload (503, retry later), not a model too slow for its deadline.
@@ -210,6 +224,8 @@ class AdaptiveBatcher:
                     reason="deadline",
                 ) from exc
             raise InferenceTimeoutError(f"inference did not finish within {timeout:g} s") from exc
+        finally:
+            timer.cancel()
 
     def _can_inline(self, texts: int, timeout: float) -> bool:
         """One text, nothing queued or running, and recent batches (of one, when traffic is

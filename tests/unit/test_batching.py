@@ -536,3 +536,39 @@ def test_a_request_already_past_its_deadline_is_refused_even_by_a_young_estimate
             await batcher.submit(["late"], timeout=-0.0005)
 
     run(go())
+
+
+def test_an_answer_reaches_its_request_one_turn_of_the_loop_after_the_batch() -> None:
+    """Under a flood every turn of the event loop is a full pass over the requests it holds, so
+    the hops between a batch's result and the request that waits for it are latency. The
+    request awaits its job's future directly (a timer enforces the deadline): one turn, where
+    wait_for(shield(...)) took three."""
+    ticks = 0
+    answered_at: list[int] = []
+
+    def on_batch(n: int, queue_ms: float, timing: dict) -> None:
+        answered_at.append(ticks)  # the consumer has just set the batch's results
+
+    batcher = AdaptiveBatcher(LengthModel(), max_batch_size=8, max_latency_ms=0, on_batch=on_batch)
+
+    async def go() -> int:
+        nonlocal ticks
+        stop = False
+
+        async def ticker() -> None:  # one increment per turn of the loop
+            nonlocal ticks
+            while not stop:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        await batcher.submit(["abc"], timeout=5)
+        resumed = ticks
+        stop = True
+        await task
+        return resumed
+
+    resumed = run(go())
+    assert len(answered_at) == 1
+    assert resumed - answered_at[0] <= 1
