@@ -30,6 +30,8 @@ is over ``ADMISSION_HEADROOM`` of its deadline, or that would take the queue pas
 ``max_queue`` texts, is refused. Until ``WARM_BATCHES`` batches have been learnt from, the
 estimate is a guess (a server's first batch may have run on a starved CPU): a request that fits
 in the next batch is then taken to wait for one batch, not for the queue at that batch's rate.
+After each batch, with the throughput it taught, a queued request that the texts ahead of it
+would keep past its deadline is refused too, instead of waiting out the deadline first.
 Each model version has its own queue and its own model thread, so one model's flood never queues
 another's requests.
 """
@@ -420,6 +422,40 @@ class AdaptiveBatcher:
                 job.future.set_result(_slice(result, offset, n, waited, len(texts)))
             offset += n
         self._done(len(texts), seconds, max(queue_ms), result.timing_ms)
+        self._shed_hopeless()
+
+    def _shed_hopeless(self) -> None:
+        """After a batch, with the throughput just learnt: refuse (503 overloaded) each queued
+        job that the texts ahead of it would keep past its deadline even at that throughput,
+        now rather than when its deadline passes. (A flood's refusals are otherwise fast but
+        for these, which waited out the whole deadline.) The estimate is optimistic (one pass
+        over the queue at the recent rate), so a job it refuses had no chance; a job that could
+        not have met its deadline even alone is left to run, as in :meth:`_too_late`."""
+        rate = self._texts_per_s
+        if rate is None or not self._queue:
+            return
+        now = time.perf_counter()
+        ahead = 0
+        kept: collections.deque[_Job] = collections.deque()
+        for job in self._queue:
+            n = len(job.texts)
+            if job.future.done():  # expired or cancelled while queued
+                self._queued_texts -= n
+                continue
+            if now + (ahead + n) / rate > job.deadline and job.enqueued + n / rate <= job.deadline:
+                self._queued_texts -= n
+                self._on_reject("deadline")
+                job.future.set_exception(
+                    OverloadedError(
+                        "the request cannot be computed before its deadline; retry shortly",
+                        retry_after=max(1, math.ceil(ahead / rate)),
+                        reason="deadline",
+                    )
+                )
+                continue
+            ahead += n
+            kept.append(job)
+        self._queue = kept
 
     def _done(self, n: int, seconds: float, queue_ms: float, timing: dict[str, float]) -> None:
         """After a batch of ``n`` texts (queued or inline): learn its speed, call the hook."""

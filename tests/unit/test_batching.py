@@ -572,3 +572,40 @@ def test_an_answer_reaches_its_request_one_turn_of_the_loop_after_the_batch() ->
     resumed = run(go())
     assert len(answered_at) == 1
     assert resumed - answered_at[0] <= 1
+
+
+def test_queued_jobs_that_cannot_make_their_deadline_are_refused_after_the_batch() -> None:
+    """The model slows down after requests were admitted: once a batch has taught the batcher
+    the new speed, the jobs queued too far back to finish in time are refused at once (503
+    overloaded), not left to wait out their whole deadline."""
+    from mlserve.errors import OverloadedError
+
+    model = LengthModel(delay=0.01)
+    rejected: list[str] = []
+    batcher = AdaptiveBatcher(model, max_batch_size=1, max_latency_ms=0, on_reject=rejected.append)
+
+    async def go():
+        for i in range(6):
+            await batcher.submit([f"warm{i}"], timeout=5)  # learns some 100 texts/s
+        model.delay = 1.0
+        start = time.perf_counter()
+
+        async def one(i: int):
+            try:
+                await batcher.submit([f"job{i}"], timeout=2.0)
+                return i, "answered", time.perf_counter() - start
+            except OverloadedError as exc:
+                return i, exc.details["reason"], time.perf_counter() - start
+            except InferenceTimeoutError:
+                return i, "timeout", time.perf_counter() - start
+
+        return await asyncio.gather(*(one(i) for i in range(60)))
+
+    outcomes = run(go())
+    assert outcomes[0][1] == "answered"
+    # Shed after the first slow batch (about 1 s in), well before their 2 s deadline.
+    early = [(i, t) for i, reason, t in outcomes if reason == "deadline" and t < 1.6]
+    assert early, outcomes
+    computed = {t for batch in model.batches for t in batch}
+    assert not computed & {f"job{i}" for i, _ in early}
+    assert set(rejected) == {"deadline"}
