@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -406,23 +407,54 @@ class AdaptiveBatcher:
         self._inflight = jobs
         loop = asyncio.get_running_loop()
         self._running_since = start
+        finished = loop.create_future()
+
+        def run() -> None:  # on the model thread
+            try:
+                outcome: tuple[BatchResult | None, Exception | None] = (self._predict(texts), None)
+            except Exception as exc:  # every request of the batch gets the model's error
+                outcome = (None, exc)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._finish, jobs, start, outcome, finished)
+
+        # The model thread hands the batch's rows out itself, in one callback on the loop: the
+        # requests resume one turn later. (run_in_executor took a turn to copy the result into
+        # an asyncio future and another to wake this task, before the one that woke them.)
+        self._executor.submit(run)
+        await finished
+
+    def _finish(
+        self,
+        jobs: list[_Job],
+        start: float,
+        outcome: tuple[BatchResult | None, Exception | None],
+        finished: asyncio.Future,
+    ) -> None:
+        """On the event loop, when the model thread is done with ``jobs``: answer them (or
+        fail them with the model's error), learn from the batch, and let the consumer go on."""
+        self._running_since = None
+        result, error = outcome
         try:
-            result = await loop.run_in_executor(self._executor, self._predict, texts)
-        except Exception as exc:  # every request of the batch gets the model's error
+            if error is not None:
+                self._fail(jobs, error)
+                return
+            seconds = time.perf_counter() - start
+            texts = sum(len(job.texts) for job in jobs)
+            queue_ms = [(start - job.enqueued) * 1000.0 for job in jobs]
+            offset = 0
+            for job, waited in zip(jobs, queue_ms, strict=True):
+                n = len(job.texts)
+                if not job.future.done():
+                    job.future.set_result(_slice(result, offset, n, waited, texts))
+                offset += n
+            self._done(texts, seconds, max(queue_ms), result.timing_ms)
+            self._shed_hopeless()
+        except Exception as exc:  # a fault in the bookkeeping: fail its batch, keep serving
+            self._on_error("deliver")
             self._fail(jobs, exc)
-            return
         finally:
-            self._running_since = None
-        seconds = time.perf_counter() - start
-        queue_ms = [(start - job.enqueued) * 1000.0 for job in jobs]
-        offset = 0
-        for job, waited in zip(jobs, queue_ms, strict=True):
-            n = len(job.texts)
-            if not job.future.done():
-                job.future.set_result(_slice(result, offset, n, waited, len(texts)))
-            offset += n
-        self._done(len(texts), seconds, max(queue_ms), result.timing_ms)
-        self._shed_hopeless()
+            if not finished.done():
+                finished.set_result(None)
 
     def _shed_hopeless(self) -> None:
         """After a batch, with the throughput just learnt: refuse (503 overloaded) each queued
