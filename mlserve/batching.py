@@ -59,12 +59,18 @@ class _Job:
     future: asyncio.Future
     deadline: float = float("inf")  # perf_counter time by which the request must be answered
     enqueued: float = field(default_factory=time.perf_counter)
+    answered: float = 0.0  # perf_counter time its rows were set on its future
 
 
 ADMISSION_HEADROOM = 0.75
 """Admit a request only if its estimated completion is within this share of its deadline (the
 rest covers the estimate's error and the HTTP path)."""
 _EWMA = 0.2
+LAG_HALF_LIFE_S = 2.0
+"""The event loop's hand-over delay (see :meth:`AdaptiveBatcher.loop_reserve`) is the highest
+recently seen, halved every this many seconds."""
+MAX_RESERVE_SHARE = 0.5
+"""The loop reserve never takes more than this share of a request's deadline."""
 WARM_BATCHES = 5
 """The moving averages are a guess until this many batches were learnt from: meanwhile they
 follow every batch by half, faster or slower, and admission takes a request that fits in the next
@@ -158,6 +164,8 @@ class AdaptiveBatcher:
         self._deciding = 0  # requests between the inline check and its second look
         self._inflight: list[_Job] = []
         self._closed = False
+        self._lag = 0.0  # the highest recent hand-over delay (seconds), as of _lag_at
+        self._lag_at = 0.0
 
     def _new_executor(self) -> ThreadPoolExecutor:
         if self.background:
@@ -190,7 +198,11 @@ class AdaptiveBatcher:
                 self._on_error("restart")  # the consumer ended: start another
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._consume())
-        self.admit(len(texts), timeout)
+        # The event loop's delays, before this handler ran and after its answer is ready, are
+        # part of what the client waits: plan the model's work to end that much earlier.
+        reserve = self.loop_reserve(timeout)
+        plan = timeout - reserve
+        self.admit(len(texts), timeout, reserve)
         if self._can_inline(len(texts), timeout):
             # Alone only if still alone after one turn of the event loop: requests that arrived
             # with this one (their tasks are already scheduled) reach this point meanwhile. An
@@ -204,7 +216,7 @@ class AdaptiveBatcher:
                 self._deciding -= 1
             if self._deciding == 0 and self._can_inline(len(texts), timeout):
                 return self._run_inline(list(texts))
-        job = _Job(list(texts), loop.create_future(), time.perf_counter() + timeout)
+        job = _Job(list(texts), loop.create_future(), time.perf_counter() + plan)
         self._queue.append(job)
         self._queued_texts += len(job.texts)
         self._wake.set()
@@ -215,7 +227,9 @@ class AdaptiveBatcher:
         # A done future (answered, expired or cancelled) is skipped by the consumer.
         timer = loop.call_later(timeout, _expire, job.future)
         try:
-            return await job.future
+            rows = await job.future
+            self._observe_lag(time.perf_counter() - job.answered)
+            return rows
         except _Expired as exc:
             if job not in self._inflight:
                 # It never reached the model: the queue was longer than the estimate said.
@@ -229,6 +243,22 @@ class AdaptiveBatcher:
             raise InferenceTimeoutError(f"inference did not finish within {timeout:g} s") from exc
         finally:
             timer.cancel()
+
+    def loop_reserve(self, timeout: float) -> float:
+        """Seconds of a ``timeout`` to keep for the event loop: twice the highest hand-over
+        delay seen lately (an answer set on its future until its request resumes), once for
+        the wait before the handler ran and once for the way out. Near zero on an idle loop;
+        under a flood that keeps the loop busy, a few hundred milliseconds. At most
+        ``MAX_RESERVE_SHARE`` of the timeout."""
+        if self._lag <= 0.0:
+            return 0.0
+        lag = self._lag * 0.5 ** ((time.perf_counter() - self._lag_at) / LAG_HALF_LIFE_S)
+        return min(2.0 * lag, MAX_RESERVE_SHARE * timeout)
+
+    def _observe_lag(self, seconds: float) -> None:
+        now = time.perf_counter()
+        decayed = self._lag * 0.5 ** ((now - self._lag_at) / LAG_HALF_LIFE_S)
+        self._lag, self._lag_at = max(decayed, seconds), now
 
     def _can_inline(self, texts: int, timeout: float) -> bool:
         """One text, nothing queued or running, and recent batches (of one, when traffic is
@@ -266,15 +296,17 @@ class AdaptiveBatcher:
             return 0.0
         return max(0.0, self._batch_s - (time.perf_counter() - self._running_since))
 
-    def admit(self, texts: int, timeout: float) -> None:
+    def admit(self, texts: int, timeout: float, reserve: float = 0.0) -> None:
         """Refuse (503 overloaded, with Retry-After) a request that could not be served within
-        ``timeout`` seconds, or that would take the queue past ``max_queue`` texts."""
+        ``timeout`` seconds, less ``reserve`` (:meth:`loop_reserve`), or that would take the
+        queue past ``max_queue`` texts."""
+        budget = timeout - reserve
         if self._queued_texts + texts > self.max_queue:
             wait = self.estimate_wait(texts)
             self._on_reject("queue_full")
             raise OverloadedError(
                 f"the model's queue is full ({self._queued_texts} texts); retry shortly",
-                retry_after=max(1, math.ceil(wait - timeout * ADMISSION_HEADROOM)),
+                retry_after=max(1, math.ceil(wait - budget * ADMISSION_HEADROOM)),
                 reason="queue_full",
             )
         wait = self.estimate_wait(texts)
@@ -282,12 +314,12 @@ class AdaptiveBatcher:
             # A young estimate, and the request fits in the next batch: it waits for the rest
             # of the running batch and one more, not for the queue at the rate of a cold batch.
             wait = min(wait, self._running_left() + (self._batch_s or 0.0))
-        if wait > timeout * ADMISSION_HEADROOM:
+        if wait > budget * ADMISSION_HEADROOM:
             self._on_reject("deadline")
             raise OverloadedError(
                 f"the model cannot answer within {timeout:g} s now (estimated {wait:.1f} s); "
                 "retry shortly",
-                retry_after=max(1, math.ceil(wait - timeout * ADMISSION_HEADROOM)),
+                retry_after=max(1, math.ceil(wait - budget * ADMISSION_HEADROOM)),
                 reason="deadline",
             )
 
@@ -441,10 +473,11 @@ class AdaptiveBatcher:
             seconds = time.perf_counter() - start
             texts = sum(len(job.texts) for job in jobs)
             queue_ms = [(start - job.enqueued) * 1000.0 for job in jobs]
-            offset = 0
+            offset, now = 0, time.perf_counter()
             for job, waited in zip(jobs, queue_ms, strict=True):
                 n = len(job.texts)
                 if not job.future.done():
+                    job.answered = now
                     job.future.set_result(_slice(result, offset, n, waited, texts))
                 offset += n
             self._done(texts, seconds, max(queue_ms), result.timing_ms)

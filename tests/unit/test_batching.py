@@ -609,3 +609,47 @@ def test_queued_jobs_that_cannot_make_their_deadline_are_refused_after_the_batch
     computed = {t for batch in model.batches for t in batch}
     assert not computed & {f"job{i}" for i, _ in early}
     assert set(rejected) == {"deadline"}
+
+
+def test_the_loop_reserve_follows_the_hand_over_delay_and_decays() -> None:
+    """A busy event loop delays a request before its handler runs and after its answer is ready;
+    the batcher keeps twice the delay it sees handing answers over out of each deadline, so
+    that what the client waits stays within it. The reserve decays when the loop is quiet and
+    never takes more than half a deadline."""
+    from mlserve.batching import LAG_HALF_LIFE_S
+
+    batcher = AdaptiveBatcher(LengthModel(), max_batch_size=8, max_latency_ms=0)
+    assert batcher.loop_reserve(2.0) == 0.0
+
+    async def go():
+        stop = False
+
+        async def hog() -> None:  # holds the loop 50 ms per turn, as a flood's parsing does
+            while not stop:
+                time.sleep(0.05)
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(hog())
+        await asyncio.sleep(0)
+        await batcher.submit(["abc"], timeout=5)
+        stop = True
+        await task
+
+    run(go())
+    reserve = batcher.loop_reserve(2.0)
+    assert 0.09 <= reserve <= 1.0  # about twice one 50 ms turn
+    batcher._lag_at -= LAG_HALF_LIFE_S  # as if a half-life passed with nothing slower seen
+    assert batcher.loop_reserve(2.0) == pytest.approx(reserve / 2, rel=0.05)
+    batcher._observe_lag(3.0)
+    assert batcher.loop_reserve(2.0) == pytest.approx(1.0, rel=0.01)  # half the deadline at most
+
+
+def test_admission_keeps_the_loop_reserve_out_of_the_deadline() -> None:
+    from mlserve.errors import OverloadedError
+
+    batcher = AdaptiveBatcher(LengthModel(), max_batch_size=8, max_latency_ms=0)
+    batcher._texts_per_s, batcher._batch_s, batcher._learnt = 4.0, 0.25, 10  # warm: 4 texts/s
+    batcher.admit(4, 2.0)  # 1 s of queue fits in 2 s (under the 75 % headroom: 1.5 s)
+    with pytest.raises(OverloadedError) as info:
+        batcher.admit(4, 2.0, reserve=0.8)  # with 0.8 s kept for the loop, 0.9 s is left
+    assert info.value.details["reason"] == "deadline" and "within 2 s" in info.value.message
