@@ -97,7 +97,6 @@ def _expire(future: asyncio.Future) -> None:
 
 def _background_priority() -> None:
     """Run the calling (model) thread only on CPU that nothing else wants (Linux SCHED_IDLE)."""
-    import contextlib
     import os
     import threading
 
@@ -477,10 +476,11 @@ class AdaptiveBatcher:
             if error is not None:
                 self._fail(jobs, error)
                 return
-            seconds = time.perf_counter() - start
+            now = time.perf_counter()
+            seconds = now - start
             texts = sum(len(job.texts) for job in jobs)
             queue_ms = [(start - job.enqueued) * 1000.0 for job in jobs]
-            offset, now = 0, time.perf_counter()
+            offset = 0
             for job, waited in zip(jobs, queue_ms, strict=True):
                 n = len(job.texts)
                 if not job.future.done():
