@@ -32,6 +32,11 @@ estimate is a guess (a server's first batch may have run on a starved CPU): a re
 in the next batch is then taken to wait for one batch, not for the queue at that batch's rate.
 After each batch, with the throughput it taught, a queued request that the texts ahead of it
 would keep past its deadline is refused too, instead of waiting out the deadline first.
+A batch grows only as far as it can end before the earliest deadline in it, with
+:data:`SAFETY` times its expected time to spare; that time is a fixed cost per batch plus a
+cost per text (:class:`BatchCost`), fitted to the recent batches. A job at the head of the queue
+that cannot get that margin is refused (503): a batch that starts is meant to end in time, so a
+504 is left for a model that slows down past three times its recent speed.
 Each model version has its own queue and its own model thread, so one model's flood never queues
 another's requests.
 """
@@ -84,6 +89,66 @@ switch interval (5 ms): an inline model holds the GIL in its batch thread too, s
 got a turn at most that often while it ran there. (It was 2 ms, measured on a fast core; on a
 core four times slower, the benchmark model's 3.4 ms per text sent every lone request through
 the thread, 0.7 ms more a request.)"""
+
+
+SAFETY = 3.0
+"""A batch is planned to take this many times its expected model time (:class:`BatchCost`): a
+job joins a batch only if the batch would end before the job's deadline even that much slower.
+When a flood's refusals start, the event loops take the cores from the model thread and a batch
+runs 2.5 to 6 times slower than the batches before it (BENCHMARK.md, "Overload"): at twice, some
+batches overran and their requests got 504s. A job that cannot get this margin is refused
+(503) instead."""
+FORGET = 0.7
+"""The batch-time model (:class:`BatchCost`) weighs each batch this much less than the one after
+it: the last three or four batches carry most of the weight, so it follows a change of the
+machine's load within a few batches."""
+
+
+class BatchCost:
+    """A batch's model time as a fixed cost plus a cost per text, fitted by least squares to the
+    recent batches (exponential forgetting, :data:`FORGET`).
+
+    One rate (texts per second) cannot describe a batch: on a CPU shared with busy event loops
+    the transformer took a median 75 ms for one text and 0.4 s for 32 (BENCHMARK.md,
+    "Overload"), and the model thread waits for the GIL between its operations however few texts
+    it holds. Planned at the rate that small batches teach, a batch could hold one text: the
+    batcher ran hundreds of single-text batches under a flood, and they overran their deadlines
+    (504) more than any other. Until the recent batches differ in size the fit cannot tell the
+    two costs apart, and the cost is taken as proportional to the texts."""
+
+    def __init__(self) -> None:
+        self._w = self._n = self._t = self._nn = self._nt = 0.0
+        self._fit: tuple[float, float] | None = None
+
+    def add(self, texts: int, seconds: float) -> None:
+        f = FORGET
+        self._w = f * self._w + 1.0
+        self._n = f * self._n + texts
+        self._t = f * self._t + seconds
+        self._nn = f * self._nn + texts * texts
+        self._nt = f * self._nt + texts * seconds
+        self._fit = self._solve()  # once a batch: the batcher asks for it once a job
+
+    def split(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per text), or None before the first batch."""
+        return self._fit
+
+    def _solve(self) -> tuple[float, float]:
+        mean_n, mean_t = self._n / self._w, self._t / self._w
+        average = mean_t / mean_n  # seconds per text, the fixed cost spread over the texts
+        spread = self._nn / self._w - mean_n * mean_n
+        if spread < 0.5:  # the recent batches were (nearly) all of one size
+            return 0.0, average
+        slope = (self._nt / self._w - mean_n * mean_t) / spread
+        # A noisy fit must not make big batches look free: at least a quarter of the average.
+        slope = max(slope, 0.25 * average)
+        return max(0.0, mean_t - slope * mean_n), slope
+
+    def seconds(self, texts: int) -> float | None:
+        """Model seconds for a batch of ``texts`` texts; None before the first batch."""
+        if self._fit is None:
+            return None
+        return self._fit[0] + texts * self._fit[1]
 
 
 class _Expired(Exception):
@@ -148,6 +213,7 @@ class AdaptiveBatcher:
         self._texts_per_s: float | None = None  # moving average of model throughput
         self._batch_s: float | None = None  # moving average of one batch's model time
         self._learnt = 0  # batches learnt from (the estimate is a guess under WARM_BATCHES)
+        self._cost = BatchCost()  # a batch's time by its size (planning batches by deadline)
         self._running_since: float | None = None
         self.max_batch_size = max_batch_size
         self.max_latency = max_latency_ms / 1000.0
@@ -348,12 +414,16 @@ class AdaptiveBatcher:
         return jobs
 
     def _needed(self, batch_texts: int) -> float:
-        """Seconds to allow for a batch of ``batch_texts`` texts: twice the expected time, so a
-        batch that starts finishes even when the CPU is contended (the estimate comes from
-        recent batches, which may have had it to spare). Linear in the batch's size, so a job
-        near its deadline caps the size of the batch it joins."""
-        assert self._texts_per_s is not None
-        return 2 * batch_texts / self._texts_per_s
+        """Seconds to allow for a batch of ``batch_texts`` texts: :data:`SAFETY` times the
+        expected time (:class:`BatchCost`), so a batch that starts finishes even when the CPU
+        gets contended (the estimate comes from recent batches, which may have had it to
+        spare). It grows with the batch's size, so a job near its deadline caps the size of
+        the batch it joins."""
+        expected = self._cost.seconds(batch_texts)
+        if expected is None:  # nothing measured yet, only a rate given (tests set one)
+            assert self._texts_per_s is not None
+            expected = batch_texts / self._texts_per_s
+        return SAFETY * expected
 
     def _fits(self, batch_texts: int, deadline: float) -> bool:
         if self._texts_per_s is None:
@@ -392,6 +462,7 @@ class AdaptiveBatcher:
         seconds = max(seconds, 1e-6)
         rate = texts / seconds
         self._learnt += 1
+        self._cost.add(texts, seconds)
         if self._texts_per_s is None or self._batch_s is None:
             self._texts_per_s, self._batch_s = rate, seconds
             return
