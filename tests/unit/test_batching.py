@@ -323,6 +323,15 @@ def test_an_estimate_learnt_while_slow_never_locks_the_model_out() -> None:
     assert model.batches == [["slow"], ["fast0"], ["fast1"], ["fast2"]]
 
 
+async def _head_and_rest(batcher: AdaptiveBatcher, head: str, timeout: float, rest: int):
+    """Submit ``head`` with ``timeout``, then ``rest`` one-text jobs with 5 s each, all queued
+    before the consumer runs; their answers."""
+    first = asyncio.create_task(batcher.submit([head], timeout=timeout))
+    others = [asyncio.create_task(batcher.submit([f"t{i}"], timeout=5)) for i in range(rest)]
+    await asyncio.sleep(0)
+    return await first, await asyncio.gather(*others)
+
+
 def test_a_batch_stops_growing_before_it_would_make_its_first_job_late() -> None:
     """The head of the queue has little time left: the batch it heads holds only what can be
     computed before its deadline; the rest wait for the next batch instead of making it late."""
@@ -330,13 +339,7 @@ def test_a_batch_stops_growing_before_it_would_make_its_first_job_late() -> None
     batcher = AdaptiveBatcher(model, max_batch_size=64, max_latency_ms=0)
     batcher._learn(1, 0.02)  # the model's recent rate: 50 texts/s (60 ms a text, with SAFETY)
 
-    async def go():
-        urgent = asyncio.create_task(batcher.submit(["urgent"], timeout=0.25))
-        others = [asyncio.create_task(batcher.submit([f"t{i}"], timeout=5)) for i in range(40)]
-        await asyncio.sleep(0)
-        return await urgent, await asyncio.gather(*others)
-
-    urgent, others = run(go())
+    urgent, others = run(_head_and_rest(batcher, "urgent", 0.25, 40))
     assert all(o.batch_size >= 1 for o in others)  # every other job was answered too
     # 0.25 s at 60 ms a text: the urgent job's batch holds at most 4 texts (fewer when the
     # machine is slow to get there), and the other 40 texts follow in later batches.
@@ -735,13 +738,7 @@ def test_a_fixed_cost_neither_shrinks_batches_to_one_text_nor_lets_a_lone_job_ov
     assert refused and isinstance(error, OverloadedError)
     assert error.details["reason"] == "deadline"
 
-    async def go():
-        head = asyncio.create_task(batcher.submit(["head"], timeout=0.9))
-        rest = [asyncio.create_task(batcher.submit([f"t{i}"], timeout=5)) for i in range(63)]
-        await asyncio.sleep(0)
-        return await head, await asyncio.gather(*rest)
-
-    head, rest = run(go())
+    head, rest = run(_head_and_rest(batcher, "head", 0.9, 63))
     # 3 x (0.1 + 0.005 n) <= 0.9 - (the few ms to get there): n up to 40.
     assert 25 <= head.batch_size <= 40, head.batch_size
     assert len(rest) == 63
