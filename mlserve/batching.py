@@ -420,14 +420,12 @@ class AdaptiveBatcher:
         spare). It grows with the batch's size, so a job near its deadline caps the size of
         the batch it joins."""
         expected = self._cost.seconds(batch_texts)
-        if expected is None:  # nothing measured yet, only a rate given (tests set one)
-            assert self._texts_per_s is not None
-            expected = batch_texts / self._texts_per_s
+        assert expected is not None  # only once a batch was learnt (see _fits)
         return SAFETY * expected
 
     def _fits(self, batch_texts: int, deadline: float) -> bool:
-        if self._texts_per_s is None:
-            return True
+        if self._cost.split() is None:
+            return True  # no batch learnt yet: nothing to plan with
         return time.perf_counter() + self._needed(batch_texts) <= deadline
 
     def _too_late(self, job: _Job, batch_texts: int) -> bool:
