@@ -26,10 +26,12 @@ clients; ``hey``, on the same machine). mlserve also answers ``GET /health`` at 
 (the ceiling: the same server and route handling with no body, no model and no access log
 line) and ``/batch-predict`` with 100 texts. The model's in-process throughput comes from
 ``benchmarks/inprocess.py``, one process that keeps the model loaded: in every round, right after
-that batch run, it measures the runner alone, then alternates 20 served batches (one client) with
-20 in-process calls on the same texts. The batch target is the median over rounds of that paired
-share (in-process time over served time, each the median of its 20): the machine's speed drifts
-by a third within minutes here, more than the difference being measured.
+that batch run, it measures the runner alone, then alternates 60 served batches (one client) with
+60 in-process calls on the same texts. The batch target is the median over rounds of that paired
+share (in-process time over served time, each the median of its 60): the machine's speed drifts
+by a third within minutes here, more than the difference being measured, and one core can run a
+third slower than the other for a second or more (BENCHMARK.md, run H: with 20 pairs a round,
+the rounds' shares spread from 0.62 to 1.06; with 60, from 0.84 to 1.04).
 
 Writes ``OUT/results.json``, ``OUT/results.md`` (tables and the issue's targets) and a chart of
 requests/s and p99 latency against concurrency (``--chart``, default
@@ -167,7 +169,7 @@ class InProcess:
             raise SystemExit(f"benchmarks.inprocess exited with status {self._proc.wait()}")
         return json.loads(line)
 
-    def measure(self, paired_url: str, pairs: int = 20) -> dict:
+    def measure(self, paired_url: str, pairs: int = 60) -> dict:
         """The runner alone, then ``pairs`` served batches (``paired_url``) each followed by an
         in-process call on the same texts."""
         self._proc.stdin.write(f"measure\npaired {paired_url} {pairs}\n")
