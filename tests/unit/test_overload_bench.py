@@ -1,0 +1,64 @@
+"""benchmarks/overload.py's well-behaved clients, against a real HTTP server on a free port: a
+client refused with 503 waits the Retry-After seconds before it sends again, and otherwise sends
+again at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+from benchmarks.overload import _honouring_clients, percentile
+
+
+class _RefuseFirst(BaseHTTPRequestHandler):
+    """Refuses the first request (503, Retry-After: 1), answers every later one (200)."""
+
+    protocol_version = "HTTP/1.1"
+    arrivals: ClassVar[list[float]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.arrivals.append(time.perf_counter())
+        refuse = len(self.arrivals) == 1
+        body = b'{"error": "overloaded"}' if refuse else b'{"label": "ok"}'
+        self.send_response(503 if refuse else 200)
+        if refuse:
+            self.send_header("Retry-After", "1")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_refused_client_waits_retry_after_then_sends_back_to_back() -> None:
+    _RefuseFirst.arrivals = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _RefuseFirst)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        rows = asyncio.run(_honouring_clients(url, 3.0, clients=1))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    arrivals = _RefuseFirst.arrivals
+    assert [status for status, _ in rows[:2]] == ["503", "200"]
+    assert {status for status, _ in rows[1:]} == {"200"}
+    assert len(rows) == len(arrivals)
+    assert arrivals[1] - arrivals[0] >= 1.0  # the Retry-After second
+    # After the wait, one request follows another at once: a client that also waited after each
+    # answer would fit at most two more into the last two seconds.
+    assert len(arrivals) >= 4
+
+
+def test_percentile_takes_the_value_at_the_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 51.0
+    assert percentile(values, 0.99) == 100.0
+    assert percentile([], 0.5) != percentile([], 0.5)  # NaN for no values
