@@ -134,7 +134,14 @@ def run_round(kind: str, url: str, duration: int, tmp: Path) -> dict:
     elapsed = time.perf_counter() - started
     stop.set()
     prober.join()
-    by_status: dict[str, list[float]] = {}
+    _recover(url)
+    return figures(rows, probe, elapsed)
+
+
+def figures(rows: list[tuple[str, float]], probe: list[tuple[int, float]], elapsed: float) -> dict:
+    """One flood's figures: per status its count and latencies (200, 503 and 504 always, at 0
+    when none came), the answers per second, and the classical probe's latencies."""
+    by_status: dict[str, list[float]] = {"200": [], "503": [], "504": []}  # counted, even at 0
     for status, seconds in rows:
         by_status.setdefault(status, []).append(seconds)
     fig: dict = {
@@ -147,7 +154,7 @@ def run_round(kind: str, url: str, duration: int, tmp: Path) -> dict:
             "p50_ms": round(percentile(times, 0.5) * 1000, 1),
             "p90_ms": round(percentile(times, 0.9) * 1000, 1),
             "p99_ms": round(percentile(times, 0.99) * 1000, 1),
-            "over_50ms": round(sum(t > 0.05 for t in times) / len(times), 4),
+            "over_50ms": round(sum(t > 0.05 for t in times) / max(1, len(times)), 4),
         }
     times = [t for _, t in probe]
     fig["probe"] = {
@@ -156,7 +163,6 @@ def run_round(kind: str, url: str, duration: int, tmp: Path) -> dict:
         "p50_ms": round(percentile(times, 0.5) * 1000, 1),
         "p99_ms": round(percentile(times, 0.99) * 1000, 1),
     }
-    _recover(url)
     return fig
 
 
@@ -166,7 +172,7 @@ def _median(runs: list[dict], path: tuple[str, ...]) -> float:
         v = run
         for key in path:
             v = v.get(key, {}) if isinstance(v, dict) else {}
-        if isinstance(v, int | float):
+        if isinstance(v, int | float) and v == v:  # NaN: a status with no request
             values.append(v)
     return statistics.median(values) if values else 0.0
 

@@ -10,7 +10,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
-from benchmarks.overload import _honouring_clients, percentile
+from benchmarks.overload import _honouring_clients, _median, figures, percentile
 
 
 class _RefuseFirst(BaseHTTPRequestHandler):
@@ -62,3 +62,14 @@ def test_percentile_takes_the_value_at_the_rank() -> None:
     assert percentile(values, 0.5) == 51.0
     assert percentile(values, 0.99) == 100.0
     assert percentile([], 0.5) != percentile([], 0.5)  # NaN for no values
+
+
+def test_a_status_that_never_came_counts_zero_in_the_medians() -> None:
+    rows_a = [("200", 1.2), ("503", 0.01), ("503", 0.2)]
+    rows_b = [("200", 1.0), ("503", 0.02), ("504", 2.1)]
+    runs = [figures(rows, [(200, 0.01)], 10.0) for rows in (rows_a, rows_a, rows_b)]
+    assert runs[0]["504"]["n"] == 0
+    assert _median(runs, ("504", "n")) == 0  # not the median of the one run that had a 504
+    assert _median(runs, ("504", "p99_ms")) == 2100.0  # latencies only where there were some
+    assert runs[0]["503"]["over_50ms"] == 0.5
+    assert runs[0]["answers_per_s"] == 0.1
