@@ -17,17 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.overload import REVIEW, percentile
+
 pytestmark = pytest.mark.integration
-
-REVIEW = (
-    "I have been taking this medication for three months. It helped my migraines a lot, "
-    "although I had some nausea during the first week."
-)
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 def test_a_flood_on_the_transformer_gets_answers_or_fast_refusals(start_server, tmp_path) -> None:
