@@ -30,8 +30,9 @@ is over ``ADMISSION_HEADROOM`` of its deadline, or that would take the queue pas
 ``max_queue`` texts, is refused. Until ``WARM_BATCHES`` batches have been learnt from, the
 estimate is a guess (a server's first batch may have run on a starved CPU): a request that fits
 in the next batch is then taken to wait for one batch, not for the queue at that batch's rate.
-After each batch, with the throughput it taught, a queued request that the texts ahead of it
-would keep past its deadline is refused too, instead of waiting out the deadline first.
+Once the estimate is warm, after each batch, with the throughput it taught, a queued request
+that the texts ahead of it would keep past its deadline is refused too, instead of waiting out
+the deadline first.
 A batch grows only as far as it can end before the earliest deadline in it, with
 :data:`SAFETY` times its expected time to spare; that time is a fixed cost per batch plus a
 cost per text (:class:`BatchCost`), fitted to the recent batches. A job at the head of the queue
@@ -568,9 +569,14 @@ class AdaptiveBatcher:
         now rather than when its deadline passes. (A flood's refusals are otherwise fast but
         for these, which waited out the whole deadline.) The estimate is optimistic (one pass
         over the queue at the recent rate), so a job it refuses had no chance; a job that could
-        not have met its deadline even alone is left to run, as in :meth:`_too_late`."""
+        not have met its deadline even alone is left to run, as in :meth:`_too_late`.
+
+        Not while the estimate is young (:data:`WARM_BATCHES`): a freshly loaded version's first
+        batch may have run on a starved CPU, and the jobs queued behind it would be refused by
+        that one batch's rate although the next batches serve them (the clean-clone CI of
+        2026-12-07 refused one request so, with Retry-After 10, right after a hot swap)."""
         rate = self._texts_per_s
-        if rate is None or not self._queue:
+        if rate is None or not self._queue or self._learnt < WARM_BATCHES:
             return
         now = time.perf_counter()
         ahead = 0

@@ -504,6 +504,29 @@ def test_a_slow_first_batch_does_not_refuse_the_requests_that_follow() -> None:
     assert batcher._learnt >= 2 and batcher._texts_per_s > 2 * (1 / 0.6)
 
 
+def test_jobs_queued_behind_a_slow_first_batch_are_not_shed_by_it() -> None:
+    """A freshly loaded version's first batch ran on a starved CPU (0.8 s for one text) while 24
+    clients queued behind it with a 5 s deadline. At that batch's rate the last of them would
+    wait 19 s, yet the model is fast again and the next batch serves them all: a young estimate
+    sheds none of them. (The clean-clone CI of 2026-12-07 had one such 503 among 1,355
+    requests of test_ten_swaps_under_load_fail_no_request, retry_after 10, right after a swap.)"""
+    model = LengthModel(delay=0.8)
+    reasons: list[str] = []
+    batcher = AdaptiveBatcher(model, max_batch_size=32, max_latency_ms=0, on_reject=reasons.append)
+
+    async def go():
+        first = asyncio.create_task(batcher.submit(["cold"], timeout=5))
+        await asyncio.sleep(0.05)  # "cold" is on the model now
+        model.delay = 0.0
+        queued = [asyncio.create_task(batcher.submit([f"q{i}"], timeout=5)) for i in range(24)]
+        return await asyncio.gather(first, *queued, return_exceptions=True)
+
+    results = run(go())
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert reasons == []
+    assert {f"q{i}" for i in range(24)} <= {t for batch in model.batches for t in batch}
+
+
 def test_once_warm_the_estimate_refuses_what_fits_in_one_batch_but_not_in_time() -> None:
     """After WARM_BATCHES batches the estimate is trusted: a request whose wait it puts past the
     deadline is refused at once even when the queue is shorter than one batch."""
