@@ -125,9 +125,30 @@ def _recover(url: str) -> None:
     time.sleep(2)
 
 
+def refusals_by_reason(metrics_text: str, tag: str = "sentiment:v2") -> dict[str, float]:
+    """``mlserve_overloaded_total`` of ``tag`` by reason, from a /metrics page: deadline and
+    queue_full (at arrival), late and expired (from the queue)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "mlserve_overloaded":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels.get("model_version") == tag:
+                reason = sample.labels["reason"]
+                counts[reason] = counts.get(reason, 0.0) + sample.value
+    return counts
+
+
+def _scrape(url: str) -> dict[str, float]:
+    return refusals_by_reason(httpx.get(f"{url}/metrics", timeout=30).text)
+
+
 def run_round(kind: str, url: str, duration: int, tmp: Path) -> dict:
     stop, probe = threading.Event(), []
     prober = threading.Timer(2.0, _probe, args=(url, stop, probe))
+    before = _scrape(url)
     prober.start()
     started = time.perf_counter()
     rows = _flood(kind, url, duration, tmp)
@@ -135,7 +156,11 @@ def run_round(kind: str, url: str, duration: int, tmp: Path) -> dict:
     stop.set()
     prober.join()
     _recover(url)
-    return figures(rows, probe, elapsed)
+    after = _scrape(url)
+    fig = figures(rows, probe, elapsed)
+    # The server's count of its refusals, by where they were made (the flood and its drain).
+    fig["refused_by_reason"] = {r: int(after[r] - before.get(r, 0.0)) for r in sorted(after)}
+    return fig
 
 
 def figures(rows: list[tuple[str, float]], probe: list[tuple[int, float]], elapsed: float) -> dict:
@@ -232,8 +257,9 @@ def main() -> None:
         f"off; medians of {args.rounds} rounds; classical probe idle p99 {idle_p99} ms",
         "",
         "| clients | answered (200) | answers/s | answers p99 ms | refused (503) "
-        "| refusals p50 / p90 / p99 ms | refusals over 50 ms | 504 | other | probe p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| refusals p50 / p90 / p99 ms | refusals over 50 ms | refused from the queue "
+        "| 504 | other | probe p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, runs in results.items():
         other = statistics.median(
@@ -256,6 +282,8 @@ def main() -> None:
                 "p99_503": ("503", "p99_ms"),
                 "slow_503": ("503", "over_50ms"),
                 "n504": ("504", "n"),
+                "late": ("refused_by_reason", "late"),
+                "expired": ("refused_by_reason", "expired"),
                 "p50_probe": ("probe", "p50_ms"),
                 "p99_probe": ("probe", "p99_ms"),
             }.items()
@@ -263,7 +291,8 @@ def main() -> None:
         lines.append(
             f"| {kind} | {m['n200']:.0f} | {m['rate']:.1f} | {m['p99_200']:.0f} | {m['n503']:.0f} "
             f"| {m['p50_503']:.0f} / {m['p90_503']:.0f} / {m['p99_503']:.0f} "
-            f"| {m['slow_503']:.1%} | {m['n504']:.0f} | {other:.0f} "
+            f"| {m['slow_503']:.1%} | {m['late']:.0f} late, {m['expired']:.0f} expired "
+            f"| {m['n504']:.0f} | {other:.0f} "
             f"| {m['p50_probe']:.1f} / {m['p99_probe']:.1f} |"
         )
     (args.out / "overload.md").write_text("\n".join(lines) + "\n")

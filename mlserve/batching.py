@@ -300,7 +300,7 @@ class AdaptiveBatcher:
             if job not in self._inflight:
                 # It never reached the model: the queue was longer than the estimate said.
                 # That is overload (503, retry later), not a model too slow for its deadline.
-                self._on_reject("deadline")
+                self._on_reject("expired")
                 raise OverloadedError(
                     f"the request waited {timeout:g} s in the model's queue; retry shortly",
                     retry_after=max(1, math.ceil(self.estimate_wait(0))),
@@ -441,7 +441,7 @@ class AdaptiveBatcher:
             # was starved). Refusing on it would refuse every job and never run a batch that
             # could correct it, so run this one and learn from it.
             return False
-        self._on_reject("deadline")
+        self._on_reject("late")
         job.future.set_exception(
             OverloadedError(
                 "the request could not be computed before its deadline; retry shortly",
@@ -588,7 +588,7 @@ class AdaptiveBatcher:
                 continue
             if now + (ahead + n) / rate > job.deadline and job.enqueued + n / rate <= job.deadline:
                 self._queued_texts -= n
-                self._on_reject("deadline")
+                self._on_reject("late")
                 job.future.set_exception(
                     OverloadedError(
                         "the request cannot be computed before its deadline; retry shortly",

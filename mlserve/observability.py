@@ -79,8 +79,11 @@ class _Metrics:
         )
         self.overloaded = Counter(
             "mlserve_overloaded",
-            "Requests refused at once with 503 overloaded, by model version and reason: "
-            "deadline (the estimated wait is over the deadline) or queue_full (MLSERVE_MAX_QUEUE).",
+            "Requests refused with 503 overloaded, by model version and reason: at arrival, "
+            "deadline (the estimated wait is over the deadline) or queue_full (MLSERVE_MAX_QUEUE); "
+            "after admission, from the queue: late (refused before its deadline, when the batches "
+            "ahead of it would keep it past it) or expired (its deadline passed in the queue). "
+            "The answer's reason is deadline for all but queue_full.",
             ["model_version", "reason"],
         )
         self.rate_limited = Counter(
@@ -273,13 +276,14 @@ def observe_cache_circuit(is_open: bool) -> None:
 
 
 BATCHER_ERROR_KINDS = ("hook", "deliver", "restart")
+OVERLOAD_REASONS = ("deadline", "queue_full", "late", "expired")
 
 
 def init_batcher_errors(tag: str) -> None:
     """Expose ``mlserve_batcher_errors_total`` and ``mlserve_overloaded_total`` at 0 for a newly
     loaded version, so alerts on their increase read real series while nothing has gone
     wrong."""
-    for reason in ("deadline", "queue_full"):
+    for reason in OVERLOAD_REASONS:
         metrics().overloaded.labels(model_version=tag, reason=reason)
     for kind in BATCHER_ERROR_KINDS:
         metrics().batcher_errors.labels(model_version=tag, kind=kind)

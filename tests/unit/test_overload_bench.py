@@ -73,3 +73,21 @@ def test_a_status_that_never_came_counts_zero_in_the_medians() -> None:
     assert _median(runs, ("504", "p99_ms")) == 2100.0  # latencies only where there were some
     assert runs[0]["503"]["over_50ms"] == 0.5
     assert runs[0]["answers_per_s"] == 0.1
+
+
+def test_refusals_are_read_by_reason_from_the_metrics_page() -> None:
+    """The benchmark splits the server's refusals by reason from a real exposition of
+    ``mlserve_overloaded_total`` (prometheus_client's), for the flooded version only."""
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    from benchmarks.overload import refusals_by_reason
+
+    registry = CollectorRegistry()
+    c = Counter("mlserve_overloaded", "refusals", ["model_version", "reason"], registry=registry)
+    c.labels(model_version="sentiment:v2", reason="deadline").inc(7)
+    c.labels(model_version="sentiment:v2", reason="late").inc(3)
+    c.labels(model_version="sentiment:v2", reason="expired")
+    c.labels(model_version="topic:v1", reason="late").inc(5)
+    text = generate_latest(registry).decode()
+    assert refusals_by_reason(text) == {"deadline": 7.0, "late": 3.0, "expired": 0.0}
+    assert refusals_by_reason(text, "topic:v1") == {"late": 5.0}
