@@ -202,6 +202,54 @@ def _median(runs: list[dict], path: tuple[str, ...]) -> float:
     return statistics.median(values) if values else 0.0
 
 
+def report(results: dict[str, list[dict]], idle_p99: float, duration: int, rounds: int) -> str:
+    """The Markdown table of ``overload.md``: per kind of client, the medians over its rounds."""
+    lines = [
+        f"{CLIENTS} clients on sentiment:v2 for {duration} s, 2 workers, 2 s deadline, cache "
+        f"off; medians of {rounds} rounds; classical probe idle p99 {idle_p99} ms",
+        "",
+        "| clients | answered (200) | answers/s | answers p99 ms | refused (503) "
+        "| refusals p50 / p90 / p99 ms | refusals over 50 ms | refused from the queue "
+        "| 504 | other | probe p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, runs in results.items():
+        other = statistics.median(
+            sum(
+                v["n"]
+                for k, v in r.items()
+                if k not in ("200", "503", "504", "probe") and isinstance(v, dict) and "n" in v
+            )
+            for r in runs
+        )
+        m = {
+            name: _median(runs, path)
+            for name, path in {
+                "n200": ("200", "n"),
+                "rate": ("answers_per_s",),
+                "p99_200": ("200", "p99_ms"),
+                "n503": ("503", "n"),
+                "p50_503": ("503", "p50_ms"),
+                "p90_503": ("503", "p90_ms"),
+                "p99_503": ("503", "p99_ms"),
+                "slow_503": ("503", "over_50ms"),
+                "n504": ("504", "n"),
+                "late": ("refused_by_reason", "late"),
+                "expired": ("refused_by_reason", "expired"),
+                "p50_probe": ("probe", "p50_ms"),
+                "p99_probe": ("probe", "p99_ms"),
+            }.items()
+        }
+        lines.append(
+            f"| {kind} | {m['n200']:.0f} | {m['rate']:.1f} | {m['p99_200']:.0f} | {m['n503']:.0f} "
+            f"| {m['p50_503']:.0f} / {m['p90_503']:.0f} / {m['p99_503']:.0f} "
+            f"| {m['slow_503']:.1%} | {m['late']:.0f} late, {m['expired']:.0f} expired "
+            f"| {m['n504']:.0f} | {other:.0f} "
+            f"| {m['p50_probe']:.1f} / {m['p99_probe']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -252,51 +300,9 @@ def main() -> None:
     (args.out / "overload.json").write_text(
         json.dumps({"idle_probe_p99_ms": idle_p99, "runs": results}, indent=1)
     )
-    lines = [
-        f"{CLIENTS} clients on sentiment:v2 for {args.duration} s, 2 workers, 2 s deadline, cache "
-        f"off; medians of {args.rounds} rounds; classical probe idle p99 {idle_p99} ms",
-        "",
-        "| clients | answered (200) | answers/s | answers p99 ms | refused (503) "
-        "| refusals p50 / p90 / p99 ms | refusals over 50 ms | refused from the queue "
-        "| 504 | other | probe p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for kind, runs in results.items():
-        other = statistics.median(
-            sum(
-                v["n"]
-                for k, v in r.items()
-                if k not in ("200", "503", "504", "probe") and isinstance(v, dict)
-            )
-            for r in runs
-        )
-        m = {
-            name: _median(runs, path)
-            for name, path in {
-                "n200": ("200", "n"),
-                "rate": ("answers_per_s",),
-                "p99_200": ("200", "p99_ms"),
-                "n503": ("503", "n"),
-                "p50_503": ("503", "p50_ms"),
-                "p90_503": ("503", "p90_ms"),
-                "p99_503": ("503", "p99_ms"),
-                "slow_503": ("503", "over_50ms"),
-                "n504": ("504", "n"),
-                "late": ("refused_by_reason", "late"),
-                "expired": ("refused_by_reason", "expired"),
-                "p50_probe": ("probe", "p50_ms"),
-                "p99_probe": ("probe", "p99_ms"),
-            }.items()
-        }
-        lines.append(
-            f"| {kind} | {m['n200']:.0f} | {m['rate']:.1f} | {m['p99_200']:.0f} | {m['n503']:.0f} "
-            f"| {m['p50_503']:.0f} / {m['p90_503']:.0f} / {m['p99_503']:.0f} "
-            f"| {m['slow_503']:.1%} | {m['late']:.0f} late, {m['expired']:.0f} expired "
-            f"| {m['n504']:.0f} | {other:.0f} "
-            f"| {m['p50_probe']:.1f} / {m['p99_probe']:.1f} |"
-        )
-    (args.out / "overload.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = report(results, idle_p99, args.duration, args.rounds)
+    (args.out / "overload.md").write_text(text)
+    print(text, end="")
 
 
 if __name__ == "__main__":

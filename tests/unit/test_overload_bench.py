@@ -91,3 +91,18 @@ def test_refusals_are_read_by_reason_from_the_metrics_page() -> None:
     text = generate_latest(registry).decode()
     assert refusals_by_reason(text) == {"deadline": 7.0, "late": 3.0, "expired": 0.0}
     assert refusals_by_reason(text, "topic:v1") == {"late": 5.0}
+
+
+def test_the_report_counts_other_statuses_but_not_the_probe_or_the_reasons() -> None:
+    """A round's figures as run_round makes them (a connection error among the statuses, the
+    server's refusals by reason): the table's medians, 'other' counting only the client's
+    statuses beyond 200, 503 and 504."""
+    from benchmarks.overload import report
+
+    rows = [("200", 0.5)] * 10 + [("503", 0.01)] * 4 + [("ClientOSError", 0.1)] * 2
+    fig = figures(rows, [(200, 0.004)] * 5, elapsed=2.0)
+    fig["refused_by_reason"] = {"deadline": 3, "expired": 0, "late": 1, "queue_full": 0}
+    text = report({"honour": [fig]}, idle_p99=4.0, duration=15, rounds=1)
+    row = text.splitlines()[-1].split(" | ")
+    assert row[0] == "| honour" and row[1] == "10" and row[4] == "4"
+    assert row[7] == "1 late, 0 expired" and row[8] == "0" and row[9] == "2"
