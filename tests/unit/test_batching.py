@@ -39,6 +39,13 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def counted(model, max_batch_size: int, **kwargs) -> tuple[AdaptiveBatcher, list[str]]:
+    """A batcher on ``model`` (no fill wait) and the list that its refusals' reasons go to."""
+    reasons: list[str] = []
+    batcher = AdaptiveBatcher(model, max_batch_size, 0, on_reject=reasons.append, **kwargs)
+    return batcher, reasons
+
+
 def test_single_request_runs_alone_and_at_once() -> None:
     model = LengthModel()
     batcher = AdaptiveBatcher(model, max_batch_size=8, max_latency_ms=50)
@@ -246,8 +253,7 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once() -> None:
     from mlserve.errors import OverloadedError
 
     model = LengthModel(delay=0.05)  # 50 ms a batch of at most 2 texts: 40 texts/s
-    reasons: list[str] = []
-    batcher = AdaptiveBatcher(model, 2, 0, on_reject=reasons.append)
+    batcher, reasons = counted(model, 2)
 
     async def go():
         await batcher.submit(["warm"], timeout=5)  # learn the throughput
@@ -272,8 +278,7 @@ def test_a_full_queue_is_refused() -> None:
     from mlserve.errors import OverloadedError
 
     model = LengthModel(delay=0.02)
-    reasons: list[str] = []
-    batcher = AdaptiveBatcher(model, 4, 0, max_queue=6, on_reject=reasons.append)
+    batcher, reasons = counted(model, 4, max_queue=6)
 
     async def go():
         tasks = [asyncio.create_task(batcher.submit(["a", "b"], timeout=10)) for _ in range(3)]
@@ -291,8 +296,7 @@ def test_a_request_that_times_out_still_queued_is_overload_not_a_504() -> None:
     from mlserve.errors import OverloadedError
 
     model = LengthModel(delay=0.2)
-    reasons: list[str] = []
-    batcher = AdaptiveBatcher(model, max_batch_size=1, max_latency_ms=0, on_reject=reasons.append)
+    batcher, reasons = counted(model, 1)
 
     async def go():
         running = asyncio.create_task(batcher.submit(["first"], timeout=5))
@@ -491,8 +495,7 @@ def test_a_slow_first_batch_does_not_refuse_the_requests_that_follow() -> None:
     clients arrive at once with a 2 s deadline: by that one batch, the 16th would wait 8 s, yet
     all 16 fit in the next batch, and a young estimate refuses none of them."""
     model = LengthModel(delay=0.6)
-    reasons: list[str] = []
-    batcher = AdaptiveBatcher(model, max_batch_size=32, max_latency_ms=0, on_reject=reasons.append)
+    batcher, reasons = counted(model, 32)
 
     async def go():
         await batcher.submit(["cold"], timeout=5)
@@ -513,8 +516,7 @@ def test_jobs_queued_behind_a_slow_first_batch_are_not_shed_by_it() -> None:
     sheds none of them. (The clean-clone CI of 2026-12-07 had one such 503 among 1,355
     requests of test_ten_swaps_under_load_fail_no_request, retry_after 10, right after a swap.)"""
     model = LengthModel(delay=0.8)
-    reasons: list[str] = []
-    batcher = AdaptiveBatcher(model, max_batch_size=32, max_latency_ms=0, on_reject=reasons.append)
+    batcher, reasons = counted(model, 32)
 
     async def go():
         first = asyncio.create_task(batcher.submit(["cold"], timeout=5))
@@ -536,8 +538,7 @@ def test_once_warm_the_estimate_refuses_what_fits_in_one_batch_but_not_in_time()
     from mlserve.errors import OverloadedError
 
     model = LengthModel(delay=0.2)
-    reasons: list[str] = []
-    batcher = AdaptiveBatcher(model, max_batch_size=32, max_latency_ms=0, on_reject=reasons.append)
+    batcher, reasons = counted(model, 32)
 
     async def go():
         for i in range(WARM_BATCHES):
@@ -565,8 +566,7 @@ def test_admission_refuses_at_once_what_only_a_shrunken_batch_could_serve() -> N
     from mlserve.errors import OverloadedError
 
     model = LengthModel(delay=0.35)
-    reasons: list[str] = []
-    batcher = AdaptiveBatcher(model, max_batch_size=8, max_latency_ms=0, on_reject=reasons.append)
+    batcher, reasons = counted(model, 8)
 
     async def go():
         for i in range(WARM_BATCHES):
@@ -646,8 +646,7 @@ def test_queued_jobs_that_cannot_make_their_deadline_are_refused_after_the_batch
     from mlserve.errors import OverloadedError
 
     model = LengthModel(delay=0.01)
-    rejected: list[str] = []
-    batcher = AdaptiveBatcher(model, max_batch_size=1, max_latency_ms=0, on_reject=rejected.append)
+    batcher, rejected = counted(model, 1)
 
     async def go():
         for i in range(6):
