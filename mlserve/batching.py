@@ -27,9 +27,7 @@ is tight. Batching here never crosses a process and never drops a request it has
 moving average of its throughput (texts per second of model time) and of its batch time, and
 estimates the wait of a new request from the texts queued ahead of it. A request whose estimate
 is over ``ADMISSION_HEADROOM`` of its deadline, or that would take the queue past
-``max_queue`` texts, is refused; so is one whose batch could not end before its deadline with
-the margin the batches are planned with (below), counted on its wait too
-(:meth:`AdaptiveBatcher.planned_finish`). Until ``WARM_BATCHES`` batches have been learnt from, the
+``max_queue`` texts, is refused. Until ``WARM_BATCHES`` batches have been learnt from, the
 estimate is a guess (a server's first batch may have run on a starved CPU): a request that fits
 in the next batch is then taken to wait for one batch, not for the queue at that batch's rate.
 Once the estimate is warm, after each batch, with the throughput it taught, a queued request
@@ -391,35 +389,6 @@ class AdaptiveBatcher:
                 retry_after=max(1, math.ceil(wait - budget * ADMISSION_HEADROOM)),
                 reason="deadline",
             )
-        planned = self.planned_finish(texts)
-        if planned is not None and planned > budget:
-            self._on_reject("deadline")
-            raise OverloadedError(
-                f"the model cannot answer within {timeout:g} s now (planned {planned:.1f} s); "
-                "retry shortly",
-                retry_after=max(1, math.ceil(planned - budget)),
-                reason="deadline",
-            )
-
-    def planned_finish(self, texts: int) -> float | None:
-        """Seconds from now that a request of ``texts`` texts queued now must be allowed, planned
-        as :meth:`_take` plans a batch, with :data:`SAFETY` times each expected time: the rest
-        of the running batch and the texts queued ahead of its batch (at the recent
-        throughput), then the model time of the batch it joins (as many of the queued texts as
-        fit, and its own). None while the estimate is young (:data:`WARM_BATCHES`).
-
-        Admission on the expected wait alone let in requests that were then refused from the
-        queue, after waiting up to their whole deadline: a batch could not get its margin
-        before them, and the batches shrank around their deadlines, paying a batch's fixed cost
-        for fewer texts. Under a flood of clients that honour Retry-After, those refusals
-        (some 100 a flood) made the refusals' p99 1.6 s; with this plan, some 10 and 0.15 s
-        (BENCHMARK.md, "Overload")."""
-        if self._learnt < WARM_BATCHES or self._texts_per_s is None or self._cost.split() is None:
-            return None
-        queued = self._queued_texts
-        batch = max(texts, min(self.max_batch_size, queued + texts))
-        ahead = queued + texts - batch
-        return SAFETY * (self._running_left() + ahead / self._texts_per_s) + self._needed(batch)
 
     def _take(self) -> list[_Job]:
         jobs, n = [], 0

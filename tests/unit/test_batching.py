@@ -555,42 +555,6 @@ def test_once_warm_the_estimate_refuses_what_fits_in_one_batch_but_not_in_time()
     assert reasons == ["deadline"]
 
 
-def test_admission_refuses_at_once_what_only_a_shrunken_batch_could_serve() -> None:
-    """Warm, at 0.35 s a batch of 8 (23 texts/s): with a batch running and a full batch queued,
-    a request with a 1 s deadline would wait some 0.7 s by the throughput alone, within 0.75 of
-    its deadline, but its batch could not get three times its model time (1.05 s) before the
-    deadline, let alone three times its wait. Admitted on the throughput alone (before
-    2026-12-07), it ran and timed out (504).
-    It is refused at arrival. On an idle queue the same request is admitted and answered."""
-    from mlserve.batching import WARM_BATCHES
-    from mlserve.errors import OverloadedError
-
-    model = LengthModel(delay=0.35)
-    batcher, reasons = counted(model, 8)
-
-    async def go():
-        for i in range(WARM_BATCHES):
-            await batcher.submit([f"w{i}-{k}" for k in range(8)], timeout=5)
-        running = asyncio.create_task(batcher.submit([f"r{k}" for k in range(8)], timeout=5))
-        await asyncio.sleep(0.01)  # the batch is on the model now
-        queued = asyncio.create_task(batcher.submit([f"q{k}" for k in range(8)], timeout=5))
-        await asyncio.sleep(0)
-        assert batcher.estimate_wait(1) <= 0.75 * 1.0  # the throughput alone would admit it
-        start = time.perf_counter()
-        with pytest.raises(OverloadedError) as info:
-            await batcher.submit(["late"], timeout=1.0)
-        refused_in = time.perf_counter() - start
-        await asyncio.gather(running, queued)
-        alone = await batcher.submit(["alone"], timeout=1.0)  # idle again: admitted
-        return alone, info.value, refused_in
-
-    alone, error, refused_in = run(go())
-    assert alone.probabilities.shape == (1, 2)
-    assert error.details["reason"] == "deadline" and int(error.headers["Retry-After"]) >= 1
-    assert refused_in < 0.1 and reasons == ["deadline"]
-    assert "late" not in {t for batch in model.batches for t in batch}
-
-
 def test_a_request_already_past_its_deadline_is_refused_even_by_a_young_estimate() -> None:
     from mlserve.errors import OverloadedError
 
