@@ -27,12 +27,15 @@ is tight. Batching here never crosses a process and never drops a request it has
 moving average of its throughput (texts per second of model time) and of its batch time, and
 estimates the wait of a new request from the texts queued ahead of it. A request whose estimate
 is over ``ADMISSION_HEADROOM`` of its deadline, or that would take the queue past
-``max_queue`` texts, is refused. Until ``WARM_BATCHES`` batches have been learnt from, the
-estimate is a guess (a server's first batch may have run on a starved CPU): a request that fits
-in the next batch is then taken to wait for one batch, not for the queue at that batch's rate.
-Once the estimate is warm, after each batch, with the throughput it taught, a queued request
-that the texts ahead of it would keep past its deadline is refused too, instead of waiting out
-the deadline first.
+``max_queue`` texts, is refused. For ``PLAN_ARMED_S`` after a queued request was refused (late,
+or its deadline passed in the queue), a request is also refused when its batch could not end
+before its deadline with the margin the batches are planned with (below), counted on its wait
+too (:meth:`AdaptiveBatcher.planned_finish`). Until ``WARM_BATCHES`` batches have been learnt
+from, the estimate is a guess (a server's first batch may have run on a starved CPU): a request
+that fits in the next batch is then taken to wait for one batch, not for the queue at that
+batch's rate. Once the estimate is warm, after each batch, with the throughput it taught, a
+queued request that the texts ahead of it would keep past its deadline is refused too, instead
+of waiting out the deadline first.
 A batch grows only as far as it can end before the earliest deadline in it, with
 :data:`SAFETY` times its expected time to spare; that time is a fixed cost per batch plus a
 cost per text (:class:`BatchCost`), fitted to the recent batches. A job at the head of the queue
@@ -91,6 +94,12 @@ got a turn at most that often while it ran there. (It was 2 ms, measured on a fa
 core four times slower, the benchmark model's 3.4 ms per text sent every lone request through
 the thread, 0.7 ms more a request.)"""
 
+
+PLAN_ARMED_S = 10.0
+"""After a queued request was refused (``late``: it could not be computed before its deadline;
+``expired``: its deadline passed in the queue), admission also plans each new request as the
+batcher would (:meth:`AdaptiveBatcher.planned_finish`) for this many seconds, renewed by every
+such refusal and by the plan's own. See :meth:`AdaptiveBatcher.admit`."""
 
 SAFETY = 3.0
 """A batch is planned to take this many times its expected model time (:class:`BatchCost`): a
@@ -232,6 +241,7 @@ class AdaptiveBatcher:
         self._closed = False
         self._lag = 0.0  # the highest recent hand-over delay (seconds), as of _lag_at
         self._lag_at = 0.0
+        self._armed_until = 0.0  # perf_counter time until which admission plans (PLAN_ARMED_S)
 
     def _new_executor(self) -> ThreadPoolExecutor:
         if self.background:
@@ -301,6 +311,7 @@ class AdaptiveBatcher:
                 # It never reached the model: the queue was longer than the estimate said.
                 # That is overload (503, retry later), not a model too slow for its deadline.
                 self._on_reject("expired")
+                self._arm()
                 raise OverloadedError(
                     f"the request waited {timeout:g} s in the model's queue; retry shortly",
                     retry_after=max(1, math.ceil(self.estimate_wait(0))),
@@ -366,7 +377,8 @@ class AdaptiveBatcher:
     def admit(self, texts: int, timeout: float, reserve: float = 0.0) -> None:
         """Refuse (503 overloaded, with Retry-After) a request that could not be served within
         ``timeout`` seconds, less ``reserve`` (:meth:`loop_reserve`), or that would take the
-        queue past ``max_queue`` texts."""
+        queue past ``max_queue`` texts; while armed (:data:`PLAN_ARMED_S`), also one whose plan
+        (:meth:`planned_finish`) does not fit."""
         budget = timeout - reserve
         if self._queued_texts + texts > self.max_queue:
             wait = self.estimate_wait(texts)
@@ -389,6 +401,46 @@ class AdaptiveBatcher:
                 retry_after=max(1, math.ceil(wait - budget * ADMISSION_HEADROOM)),
                 reason="deadline",
             )
+        if time.perf_counter() >= self._armed_until:
+            return
+        planned = self.planned_finish(texts)
+        if planned is not None and planned > budget and self._needed(texts) <= budget:
+            # (A request that could not get the margin even alone, at a deadline shorter than
+            # that, is left to the expected wait above, as in _too_late: else nothing is served.)
+            self._arm()
+            self._on_reject("deadline")
+            raise OverloadedError(
+                f"the model cannot answer within {timeout:g} s now (planned {planned:.1f} s); "
+                "retry shortly",
+                retry_after=max(1, math.ceil(planned - budget)),
+                reason="deadline",
+            )
+
+    def _arm(self) -> None:
+        """Plan admissions (:meth:`planned_finish`) for the next :data:`PLAN_ARMED_S` seconds."""
+        self._armed_until = time.perf_counter() + PLAN_ARMED_S
+
+    def planned_finish(self, texts: int) -> float | None:
+        """Seconds from now that a request of ``texts`` texts queued now must be allowed, planned
+        as :meth:`_take` plans a batch, with :data:`SAFETY` times each expected time: the rest
+        of the running batch and the texts queued ahead of its batch (at the recent
+        throughput), then the model time of the batch it joins (as many of the queued texts as
+        fit, and its own). None while the estimate is young (:data:`WARM_BATCHES`).
+
+        Admission on the expected wait alone lets in requests that are then refused from the
+        queue, after waiting up to their whole deadline, when a batch cannot get its margin
+        before them. Under a flood of clients that honour Retry-After, those late refusals
+        (some 100 a flood) made the refusals' p99 1.6 s; planning every admission cut them to
+        some 10 and the p99 to 0.15 s, but also refused requests that would have been served
+        (4 of 1,931 in the hot-swap test at a 10 s deadline, beside the unit suite;
+        BENCHMARK.md, "Overload"). So admission plans only while refusals from the queue show
+        that the expected wait is not enough: for :data:`PLAN_ARMED_S` after one."""
+        if self._learnt < WARM_BATCHES or self._texts_per_s is None or self._cost.split() is None:
+            return None
+        queued = self._queued_texts
+        batch = max(texts, min(self.max_batch_size, queued + texts))
+        ahead = queued + texts - batch
+        return SAFETY * (self._running_left() + ahead / self._texts_per_s) + self._needed(batch)
 
     def _take(self) -> list[_Job]:
         jobs, n = [], 0
@@ -442,6 +494,7 @@ class AdaptiveBatcher:
             # could correct it, so run this one and learn from it.
             return False
         self._on_reject("late")
+        self._arm()
         job.future.set_exception(
             OverloadedError(
                 "the request could not be computed before its deadline; retry shortly",
@@ -589,6 +642,7 @@ class AdaptiveBatcher:
             if now + (ahead + n) / rate > job.deadline and job.enqueued + n / rate <= job.deadline:
                 self._queued_texts -= n
                 self._on_reject("late")
+                self._arm()
                 job.future.set_exception(
                     OverloadedError(
                         "the request cannot be computed before its deadline; retry shortly",

@@ -311,6 +311,7 @@ def test_a_request_that_times_out_still_queued_is_overload_not_a_504() -> None:
     assert int(error.headers["Retry-After"]) >= 1
     assert model.batches == [["first"]]  # the queued one was skipped, never computed
     assert reasons == ["expired"]  # counted apart from the refusals at arrival
+    assert batcher._armed_until > 0  # admission plans for a while, as after a late refusal
 
 
 def test_an_estimate_learnt_while_slow_never_locks_the_model_out() -> None:
@@ -638,6 +639,7 @@ def test_queued_jobs_that_cannot_make_their_deadline_are_refused_after_the_batch
     assert not computed & {f"job{i}" for i, _ in early}
     # Counted apart from the refusals at arrival; the client is told "deadline" all the same.
     assert set(rejected) == {"late"}
+    assert batcher._armed_until > 0  # and admission plans for a while (test below)
 
 
 def test_the_loop_reserve_follows_the_hand_over_delay_and_decays() -> None:
@@ -768,3 +770,49 @@ def test_a_fixed_cost_neither_shrinks_batches_to_one_text_nor_lets_a_lone_job_ov
     # 3 x (0.1 + 0.005 n) <= 0.9 - (the few ms to get there): n up to 40.
     assert 25 <= head.batch_size <= 40, head.batch_size
     assert len(rest) == 63
+
+
+def test_after_a_late_refusal_admission_plans_as_the_batcher_does_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch costs 100 ms plus 5 ms a text, and 80 texts are queued: a request with a 2 s
+    deadline would wait some 1.4 s by the throughput (within 0.75 of its deadline), but planned
+    as the batcher plans (three times its wait, then three times its batch) it needs 2.1 s.
+    Normally it is admitted: the plan alone refused requests that the next batches served (the
+    hot-swap test, 2026-12-07). Once a queued request has been refused as late (admitted, then
+    unable to get its batch's margin), the same request is refused at arrival, for
+    PLAN_ARMED_S; then admitted again. A request whose deadline is shorter than the margin of a
+    batch of its own is never refused by the plan (nothing would be served)."""
+    import mlserve.batching as batching
+    from mlserve.batching import _Job
+    from mlserve.errors import OverloadedError
+
+    monkeypatch.setattr(batching, "PLAN_ARMED_S", 1.0)
+    batcher, reasons = counted(LengthModel(), 64)
+    for n in (1, 16) * 4 + (16, 16):
+        batcher._learn(n, 0.1 + 0.005 * n)
+    batcher._queued_texts = 80
+    assert batcher.estimate_wait(1) <= 0.75 * 2.0 < 2.0 < batcher.planned_finish(1)
+
+    batcher.admit(1, timeout=2.0)  # not armed: admitted on the expected wait
+    assert reasons == []
+
+    async def late():
+        now = time.perf_counter()
+        job = _Job(["late"], asyncio.get_running_loop().create_future(), now + 0.08, now - 1.0)
+        return batcher._too_late(job, 1)
+
+    assert run(late())
+    with pytest.raises(OverloadedError) as info:
+        batcher.admit(1, timeout=2.0)
+    assert "planned" in info.value.message and int(info.value.headers["Retry-After"]) >= 1
+    assert reasons == ["late", "deadline"]
+
+    batcher._queued_texts = 0  # armed, and a deadline shorter than a lone batch's margin
+    assert batcher._needed(1) > 0.3
+    batcher.admit(1, timeout=0.3)
+
+    time.sleep(1.05)  # the plan's refusal renewed it for 1 s; nothing did since
+    batcher._queued_texts = 80
+    batcher.admit(1, timeout=2.0)
+    assert reasons == ["late", "deadline"]
