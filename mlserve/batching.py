@@ -310,8 +310,7 @@ class AdaptiveBatcher:
             if job not in self._inflight:
                 # It never reached the model: the queue was longer than the estimate said.
                 # That is overload (503, retry later), not a model too slow for its deadline.
-                self._on_reject("expired")
-                self._arm()
+                self._refused_from_queue("expired")
                 raise OverloadedError(
                     f"the request waited {timeout:g} s in the model's queue; retry shortly",
                     retry_after=max(1, math.ceil(self.estimate_wait(0))),
@@ -420,6 +419,12 @@ class AdaptiveBatcher:
         """Plan admissions (:meth:`planned_finish`) for the next :data:`PLAN_ARMED_S` seconds."""
         self._armed_until = time.perf_counter() + PLAN_ARMED_S
 
+    def _refused_from_queue(self, reason: str) -> None:
+        """Count a refusal of a request already queued (``late`` or ``expired``): the expected
+        wait let it in and was not enough, so admission plans for a while (:meth:`_arm`)."""
+        self._on_reject(reason)
+        self._arm()
+
     def planned_finish(self, texts: int) -> float | None:
         """Seconds from now that a request of ``texts`` texts queued now must be allowed, planned
         as :meth:`_take` plans a batch, with :data:`SAFETY` times each expected time: the rest
@@ -493,8 +498,7 @@ class AdaptiveBatcher:
             # was starved). Refusing on it would refuse every job and never run a batch that
             # could correct it, so run this one and learn from it.
             return False
-        self._on_reject("late")
-        self._arm()
+        self._refused_from_queue("late")
         job.future.set_exception(
             OverloadedError(
                 "the request could not be computed before its deadline; retry shortly",
@@ -641,8 +645,7 @@ class AdaptiveBatcher:
                 continue
             if now + (ahead + n) / rate > job.deadline and job.enqueued + n / rate <= job.deadline:
                 self._queued_texts -= n
-                self._on_reject("late")
-                self._arm()
+                self._refused_from_queue("late")
                 job.future.set_exception(
                     OverloadedError(
                         "the request cannot be computed before its deadline; retry shortly",
